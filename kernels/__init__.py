@@ -1,0 +1,54 @@
+"""Quantize and dequantize kernels, one module per ggml type, imported on first use.
+
+Each module defines numba kernels `quantize(x, out)` (float32 rows → packed bytes in llama.cpp's block
+layout) and `dequantize(q, out)`, both parallel over rows. Importing this package compiles nothing, so
+`qtool --help` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from qtool.formats.constants import TYPE_INFO, GGMLType
+
+# ggml type → module in this package holding its kernels
+_MODULES: dict[GGMLType, str] = {
+    GGMLType.Q8_0: "q8_0",
+}
+
+
+def quantizable_types() -> tuple[GGMLType, ...]:
+    return tuple(_MODULES)
+
+
+def _module(ggml_type: GGMLType):
+    try:
+        name = _MODULES[ggml_type]
+    except KeyError:
+        raise ValueError(f"no kernel for type {ggml_type.name}") from None
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def row_bytes(ggml_type: GGMLType, n_cols: int) -> int:
+    info = TYPE_INFO[ggml_type]
+    if n_cols % info.block_size:
+        raise ValueError(f"row of {n_cols} is not a multiple of {ggml_type.name}'s block of {info.block_size}")
+    return n_cols // info.block_size * info.type_size
+
+
+def quantize(ggml_type: GGMLType, x: np.ndarray) -> np.ndarray:
+    """float32 (rows, cols) → uint8 (rows, row_bytes) in llama.cpp's layout for ggml_type."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty((rows.shape[0], row_bytes(ggml_type, rows.shape[1])), dtype=np.uint8)
+    _module(ggml_type).quantize(rows, out)
+    return out
+
+
+def dequantize(ggml_type: GGMLType, data: np.ndarray, n_cols: int) -> np.ndarray:
+    """uint8 packed rows → float32 (rows, n_cols)."""
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes(ggml_type, n_cols))
+    out = np.empty((data.shape[0], n_cols), dtype=np.float32)
+    _module(ggml_type).dequantize(data, out)
+    return out
