@@ -1,0 +1,141 @@
+"""Hugging Face checkpoints: a folder with config.json and safetensors weights (one file or shards with an
+index), or a hub repo id fetched with huggingface_hub. Tensors come out one at a time, as float32 or in their
+stored 16-bit form, so a whole model is never in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from qtool.errors import QtoolError
+from qtool.formats.safetensors import SafetensorsFile
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# what a conversion needs from a hub repo; weights are safetensors only
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json"]
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_source(src: str) -> Path:
+    """A local folder as is; otherwise a hub repo id, downloaded (or found in the cache when offline)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise QtoolError(f"{src}: expected a checkpoint folder (config.json + safetensors) or a .gguf file")
+        return path
+    if not REPO_ID.match(src):
+        raise QtoolError(f"{src}: no such file or folder, and not a Hugging Face repo id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - a dependency
+        raise QtoolError("huggingface_hub is not installed") from None
+    try:
+        return Path(snapshot_download(src, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise QtoolError(f"{src}: not in the local Hugging Face cache and the hub cannot be reached "
+                         "(HF_HUB_OFFLINE is set or there is no network)") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QtoolError(f"{src}: download failed: {first}") from None
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class Checkpoint:
+    """A checkpoint folder. `names` lists every tensor; `load(name)` returns it as float32 (a new array) and
+    releases the file pages it touched."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            raise QtoolError(f"{self.folder}: no config.json, not a Hugging Face checkpoint folder")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise QtoolError(f"{cfg}: not valid JSON: {e}") from None
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where = self._index()
+
+    def _index(self) -> dict[str, str]:
+        idx = self.folder / "model.safetensors.index.json"
+        if idx.is_file():
+            try:
+                weight_map = json.loads(idx.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise QtoolError(f"{idx}: not a valid safetensors index ({e})") from None
+            for shard in sorted(set(weight_map.values())):
+                if not (self.folder / shard).is_file():
+                    raise QtoolError(f"{self.folder}: shard {shard} named in {idx.name} is missing")
+            where = {}
+            for shard in sorted(set(weight_map.values())):
+                f = self._open(shard)
+                for name in f.tensors:
+                    where[name] = shard
+            missing = sorted(set(weight_map) - set(where))
+            if missing:
+                raise QtoolError(f"{idx}: tensor {missing[0]} is not in its shard {weight_map[missing[0]]}")
+            return where
+        files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise QtoolError(f"{self.folder}: only pickle weights ({pickles[0]}); qtool refuses to unpickle "
+                                 "them because loading a pickle can run arbitrary code. Convert them to safetensors "
+                                 "(e.g. transformers' save_pretrained(safe_serialization=True)) or use the "
+                                 "repo's safetensors files")
+            raise QtoolError(f"{self.folder}: no .safetensors weights found")
+        where = {}
+        for fname in files:
+            for name in self._open(fname).tensors:
+                if name in where:
+                    raise QtoolError(f"{self.folder}: tensor {name} appears in both {where[name]} and {fname}")
+                where[name] = fname
+        return where
+
+    def _open(self, fname: str) -> SafetensorsFile:
+        if fname not in self._files:
+            self._files[fname] = SafetensorsFile(self.folder / fname)
+        return self._files[fname]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._files[self._where[name]].tensors[name].shape
+
+    def dtype(self, name: str) -> str:
+        return self._files[self._where[name]].tensors[name].dtype
+
+    def nbytes(self, name: str) -> int:
+        t = self._files[self._where[name]].tensors[name]
+        return t.end - t.begin
+
+    def load(self, name: str) -> np.ndarray:
+        f = self._files[self._where[name]]
+        raw = f.view(name)
+        dtype = f.tensors[name].dtype
+        if dtype == "BF16":
+            out = bf16_to_f32(raw)
+        elif dtype in ("F32", "F16", "F64"):
+            out = raw.astype(np.float32)
+        else:
+            raise QtoolError(f"{f.path}: tensor {name} has dtype {dtype}; qtool converts F32, F16 and BF16 weights")
+        del raw
+        f.release(name)
+        return out
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()

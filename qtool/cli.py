@@ -1,0 +1,143 @@
+"""Command line: `qtool convert | inspect` (and run/perplexity as they land).
+
+Heavy modules (numpy, numba kernels) are imported inside commands so `qtool --help` stays instant.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from qtool.errors import QtoolError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress Hugging Face LLM checkpoints into GGUF files llama.cpp runs, and inspect them.")
+
+
+def _err(msg: str) -> None:
+    print(f"qtool: error: {msg}", file=sys.stderr)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _default_output(model_name: str, type_name: str) -> Path:
+    return Path(f"{model_name}.{type_name}.gguf")
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors) or Hugging Face repo id"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file [default: <model>.<TYPE>.gguf]"),
+    type_name: str = typer.Option("Q8_0", "--type", "-t", help="F32, F16, BF16, Q8_0, ..."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
+) -> None:
+    """Convert a checkpoint to one GGUF file."""
+    from qtool import convert as conv
+
+    t0 = time.perf_counter()
+    plan = conv.plan(src, type_name)
+    try:
+        out = output or _default_output(plan.model_name, plan.type_name)
+        src_path = Path(src)
+        if src_path.exists() and out.exists() and any(out.resolve() == p.resolve() for p in
+                                                         ([src_path] if src_path.is_file() else src_path.iterdir())):
+            raise QtoolError(f"{out}: refusing to overwrite an input file")
+        for w in plan.warnings:
+            if not quiet:
+                print(f"qtool: warning: {w}", file=sys.stderr)
+        show_progress = not quiet and sys.stderr.isatty()
+        total = sum(_job_bytes(j) for j in plan.jobs)
+        if show_progress:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+            with Progress(TextColumn("{task.description:<28}"), BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
+                task = bar.add_task("converting", total=total)
+                size = conv.write(plan, out, lambda job, n: bar.update(task, advance=_job_bytes(job),
+                                                                        description=job.name))
+        else:
+            size = conv.write(plan, out)
+        if not quiet:
+            secs = time.perf_counter() - t0
+            bpw = 8 * size / max(plan.n_params, 1)
+            fallbacks = sum(1 for j in plan.jobs if j.note)
+            extra = f", {fallbacks} tensors fell back" if fallbacks else ""
+            print(f"wrote {out}: {_human(size)}, {plan.n_params:,} parameters, {bpw:.2f} bits/weight, "
+                  f"{plan.type_name}{extra}, {secs:.1f} s")
+    finally:
+        plan.close()
+
+
+def _job_bytes(job) -> int:
+    from qtool.formats.constants import tensor_nbytes
+    import math
+    return tensor_nbytes(job.ggml_type, math.prod(job.shape))
+
+
+@app.command()
+def inspect(
+    path: str = typer.Argument(..., help="A .gguf file, or a checkpoint folder / repo id"),
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor"),
+    meta: bool = typer.Option(False, "--meta", help="Show all metadata (long arrays abbreviated)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Show a GGUF file's metadata and per-layer sizes, or a checkpoint's size at each --type."""
+    from qtool import inspect as insp
+    from qtool import report
+
+    p = Path(path)
+    if p.is_file():
+        data = insp.gguf_report(p, full_meta=meta and as_json)
+        if not as_json:
+            report.print_gguf(data, show_tensors=tensors, show_meta=meta)
+    else:
+        data = insp.checkpoint_report(path)
+        if not as_json:
+            report.print_checkpoint(data)
+    if as_json:
+        if p.is_file() and not tensors:
+            data.pop("tensors")
+        if p.is_file() and not meta:
+            data.pop("metadata")
+        print(json.dumps(data, indent=1, default=str))
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.UsageError as e:
+        e.show()
+        code = 2
+    except UsageError as e:
+        _err(str(e))
+        code = 2
+    except QtoolError as e:
+        _err(str(e))
+        code = 1
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _err("interrupted; no output was written")
+        code = 130
+    except BrokenPipeError:
+        code = 1
+    except OSError as e:
+        _err(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,121 @@
+"""`qtool inspect`: what a GGUF file holds (metadata, per-layer and per-tensor sizes), or for a checkpoint
+folder, its parameters and the file size each --type would give."""
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qtool.formats.constants import FILE_TYPES, FileType, GGMLType
+from qtool.formats.gguf_reader import GGUFFile
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+SUMMARY_KEYS = ("general.architecture", "general.name", "general.file_type", "general.alignment")
+
+
+def layer_of(name: str) -> str:
+    m = _LAYER.match(name)
+    return m.group(1) if m else name.rsplit(".", 1)[0]
+
+
+def _layer_sort_key(layer: str) -> tuple:
+    return (0, int(layer)) if layer.isdigit() else (1 if layer == "token_embd" else 2, layer)
+
+
+def tensor_rows(tensors: list[dict]) -> list[dict]:
+    """Group tensors by layer: count, types, parameters, bytes, bits/weight."""
+    groups: dict[str, list[dict]] = OrderedDict()
+    for t in tensors:
+        groups.setdefault(layer_of(t["name"]), []).append(t)
+    rows = []
+    for layer in sorted(groups, key=_layer_sort_key):
+        ts = groups[layer]
+        params = sum(t["n_elements"] for t in ts)
+        nbytes = sum(t["nbytes"] for t in ts)
+        types = sorted({t["type"] for t in ts})
+        rows.append({"layer": layer, "tensors": len(ts), "types": types, "parameters": params, "bytes": nbytes,
+                     "bits_per_weight": 8 * nbytes / params if params else 0.0})
+    return rows
+
+
+def _short(value: Any, limit: int = 8) -> Any:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list) and len(value) > limit:
+        return [_short(v) for v in value[:limit]] + [f"... {len(value) - limit} more"]
+    if isinstance(value, list):
+        return [_short(v) for v in value]
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + f"... ({len(value)} chars)"
+    return value
+
+
+def gguf_report(path: Path, full_meta: bool = False) -> dict:
+    with GGUFFile(path) as g:
+        arch = g.get("general.architecture", "?")
+        tensors = [{"name": t.name, "shape": list(t.shape), "type": t.ggml_type.name, "n_elements": t.n_elements,
+                    "nbytes": t.nbytes, "offset": t.offset, "bits_per_weight": 8 * t.nbytes / max(t.n_elements, 1)}
+                   for t in g.tensors.values()]
+        ft = g.get("general.file_type")
+        try:
+            ft_name = FileType(ft).name.replace("MOSTLY_", "").replace("ALL_", "") if ft is not None else None
+        except ValueError:
+            ft_name = str(ft)
+        params = sum(t["n_elements"] for t in tensors)
+        data_bytes = sum(t["nbytes"] for t in tensors)
+        tokens = g.get("tokenizer.ggml.tokens")
+        report = {
+            "file": str(path), "file_bytes": g.size, "gguf_version": g.version, "architecture": arch,
+            "name": g.get("general.name"), "file_type": ft_name,
+            "context_length": g.get(f"{arch}.context_length"),
+            "embedding_length": g.get(f"{arch}.embedding_length"), "block_count": g.get(f"{arch}.block_count"),
+            "vocab_size": g.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None),
+            "alignment": g.alignment, "tensor_count": len(tensors), "parameters": params,
+            "tensor_bytes": data_bytes, "bits_per_weight": 8 * data_bytes / params if params else 0.0,
+            "types": {k: sum(1 for t in tensors if t["type"] == k) for k in sorted({t["type"] for t in tensors})},
+            "layers": tensor_rows(tensors), "tensors": tensors,
+            "metadata": {k: {"type": f.type.name if f.elem_type is None else f"{f.type.name}[{f.elem_type.name}]",
+                             "value": _short(f.value, 10**9 if full_meta else 8)} for k, f in g.fields.items()},
+        }
+    return report
+
+
+def checkpoint_report(src: str) -> dict:
+    """Parameters per layer, and the exact size each --type would give (planned without converting)."""
+    from qtool import convert
+    from qtool.formats.gguf_writer import GGUFWriter
+
+    rows = []
+    sizes = []
+    base = None
+    for type_name in FILE_TYPES:
+        try:
+            p = convert.plan(src, type_name)
+        except Exception as e:  # a type whose kernel has not landed yet is reported, not fatal
+            if "not available" in str(e):
+                continue
+            raise
+        try:
+            w = GGUFWriter("/dev/null")
+            for key, value, vtype, elem in p.metadata:
+                w.add(key, value, vtype, elem)
+            for j in p.jobs:
+                w.add_tensor(j.name, j.shape, j.ggml_type)
+            if base is None:
+                base = p
+                rows = tensor_rows([{"name": t.name, "type": t.ggml_type.name, "n_elements": math.prod(t.shape),
+                                     "nbytes": t.nbytes} for t in w.tensors])
+            nbytes = w.file_size
+            fallbacks = sum(1 for j in p.jobs if j.note)
+            sizes.append({"type": type_name, "file_bytes": nbytes, "bits_per_weight": 8 * nbytes / p.n_params,
+                          "fallbacks": fallbacks})
+        finally:
+            p.close()
+    for r in rows:  # parameters only: bytes depend on the type
+        r.pop("types"), r.pop("bytes"), r.pop("bits_per_weight")
+    return {"source": src, "model": base.model_name if base else None,
+            "parameters": base.n_params if base else 0, "layers": rows, "sizes": sizes}
