@@ -12,8 +12,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
+
+try:  # typer ≥ 0.26 vendors click; older releases use the click package
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
 
 from qtool.errors import QtoolError, UsageError
 
@@ -123,16 +127,16 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.UsageError as e:
+    except click_exc.ClickException as e:
         e.show()
-        code = 2
+        code = e.exit_code
     except UsageError as e:
         _err(str(e))
         code = 2
     except QtoolError as e:
         _err(str(e))
         code = 1
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click_exc.Abort):
         _err("interrupted; no output was written")
         code = 130
     except BrokenPipeError:
