@@ -45,14 +45,29 @@ def _default_output(model_name: str, type_name: str) -> Path:
 def convert(
     src: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors) or Hugging Face repo id"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file [default: <model>.<TYPE>.gguf]"),
-    type_name: str = typer.Option("Q8_0", "--type", "-t", help="F32, F16, BF16, Q8_0, ..."),
+    type_name: str = typer.Option("Q8_0", "--type", "-t", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S "
+                                  "Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K"),
+    pure: bool = typer.Option(False, "--pure", help="No mixture: every quantizable tensor gets the type's base type"),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type for output.weight"),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",
+                                                       help="Type for token_embd.weight"),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE for matching tensors (repeatable)"),
+    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Keep output.weight unquantized"),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize",
+                                          help="Allow requantizing tensors that are already quantized"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ) -> None:
-    """Convert a checkpoint to one GGUF file."""
+    """Convert a checkpoint (or requantize a GGUF file) to one GGUF file, with llama-quantize's recipes."""
     from qtool import convert as conv
+    from qtool import recipes
 
     t0 = time.perf_counter()
-    plan = conv.plan(src, type_name)
+    opts = recipes.RecipeOptions(
+        pure=pure, leave_output_tensor=leave_output_tensor,
+        output_tensor_type=recipes.parse_ggml_type(output_tensor_type) if output_tensor_type else None,
+        token_embedding_type=recipes.parse_ggml_type(token_embedding_type) if token_embedding_type else None,
+        tensor_types=tuple(recipes.parse_tensor_type(spec) for spec in tensor_type))
+    plan = conv.plan(src, type_name, opts, allow_requantize=allow_requantize)
     try:
         out = output or _default_output(plan.model_name, plan.type_name)
         src_path = Path(src)
@@ -127,6 +142,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into exit code 130 without a word
+            raise KeyboardInterrupt
     except click_exc.ClickException as e:
         e.show()
         code = e.exit_code
@@ -136,7 +153,7 @@ def main() -> None:
     except QtoolError as e:
         _err(str(e))
         code = 1
-    except (KeyboardInterrupt, click_exc.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         _err("interrupted; no output was written")
         code = 130
     except BrokenPipeError:

@@ -13,12 +13,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from qtool import archs
+from qtool import archs, recipes
 from qtool.errors import QtoolError
-from qtool.formats.checkpoint import Checkpoint, resolve_source
-from qtool.formats.constants import (FILE_TYPES, GGML_QUANTIZATION_VERSION, TYPE_INFO, GGMLType, ValueType)
+from qtool.formats.checkpoint import PICKLE_SUFFIXES, Checkpoint, bf16_to_f32, resolve_source
+from qtool.formats.constants import FILE_TYPES, FLOAT_TYPES, GGML_QUANTIZATION_VERSION, GGMLType, ValueType
 from qtool.formats.gguf_writer import GGUFWriter
 from qtool.formats.hf_tokenizer import tokenizer_metadata
+from qtool.recipes import RecipeOptions
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TensorJob:
     ggml_type: GGMLType
     load: Callable[[], np.ndarray]  # float32 values, already permuted for llama.cpp
     note: str = ""  # e.g. why a fallback type was chosen
+    source_type: GGMLType | None = None  # the stored type, when the source is a GGUF file
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Plan:
     type_name: str
     warnings: list[str] = field(default_factory=list)
     close: Callable[[], None] = lambda: None
+    source: object = None  # the open GGUF file when requantizing: tensors kept as they are are copied raw
 
     @property
     def n_params(self) -> int:
@@ -54,16 +57,6 @@ def size_label(n_params: int) -> str:
     scaled = n_params / scale
     decimals = max(2 - len(str(round(scaled)).lstrip("0")), 0)
     return f"{scaled:.{decimals}f}{suffix}"
-
-
-def choose_type(name: str, shape: tuple[int, ...], target: GGMLType) -> tuple[GGMLType, str]:
-    """1-D tensors and norms stay F32 as in llama.cpp; rows that don't fill whole blocks fall back to F16."""
-    if len(shape) < 2 or name.endswith("_norm.weight") or not name.endswith(".weight"):
-        return GGMLType.F32, ""
-    block = TYPE_INFO[target].block_size
-    if shape[-1] % block:
-        return GGMLType.F16, f"row of {shape[-1]} is not a multiple of {block}: F16"
-    return target, ""
 
 
 def _hparam(config: dict, *keys: str, default=None):
@@ -128,24 +121,37 @@ def _arch_metadata(arch: str, config: dict, n_vocab: int, file_type: int) -> lis
     return md
 
 
-def plan(src: str, type_name: str) -> Plan:
+def plan(src: str, type_name: str, opts: RecipeOptions = RecipeOptions(), allow_requantize: bool = False) -> Plan:
     """Everything about the output file except the tensor data."""
     key = type_name.upper()
-    if key not in FILE_TYPES:
-        raise QtoolError(f"unknown --type {type_name}; choose one of {', '.join(FILE_TYPES)}")
-    target = GGMLType[key] if key in GGMLType.__members__ else None
-    if target is None:
-        raise QtoolError(f"--type {key} is not available yet")
-    folder = resolve_source(src)
-    ckpt = Checkpoint(folder)
+    recipes.file_type(key)  # validates the name
+    path = Path(src)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise QtoolError(f"{src}: a pickle checkpoint; qtool refuses to unpickle it because loading a pickle "
+                             "can run arbitrary code. Use the model's safetensors files instead")
+        return _plan_gguf(path, key, opts, allow_requantize)
+    ckpt = Checkpoint(resolve_source(src))
     try:
-        return _plan_checkpoint(ckpt, key, target)
+        return _plan_checkpoint(ckpt, key, opts)
     except BaseException:
         ckpt.close()
         raise
 
 
-def _plan_checkpoint(ckpt: Checkpoint, key: str, target: GGMLType) -> Plan:
+def _assign_types(jobs: list[TensorJob], key: str, facts: recipes.ModelFacts, opts: RecipeOptions) -> None:
+    """llama-quantize's per-tensor choice; types without a kernel yet are refused before anything is written."""
+    from qtool import kernels
+    writable = set(kernels.quantizable_types()) | {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
+    for job, tp in zip(jobs, recipes.plan_types(key, [(j.name, j.shape) for j in jobs], facts, opts)):
+        if not tp.quantizable:
+            continue  # keeps the type the job was planned with (F32 from checkpoints, the source type from GGUF)
+        if tp.ggml_type not in writable:
+            raise QtoolError(f"--type {key} needs {tp.ggml_type.name} for {tp.name}, which qtool cannot write yet")
+        job.ggml_type, job.note = tp.ggml_type, tp.note
+
+
+def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
     config = ckpt.config
     _, arch = archs.arch_for(config)
     n_head = int(_hparam(config, "num_attention_heads"))
@@ -163,18 +169,18 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, target: GGMLType) -> Plan:
         name = archs.gguf_tensor_name(hf_name)
         if name is None:
             continue
-        shape = ckpt.shape(hf_name)
-        ggml_type, note = choose_type(name, shape, target)
         heads = n_head if ".attn_q." in name else n_head_kv if ".attn_k." in name else 0
-        permute = arch.permute_qk and heads > 0
+        permute = arch.permute_qk and heads > 0 and name.endswith(".weight")
 
         def load(hf_name=hf_name, heads=heads, permute=permute):
             x = ckpt.load(hf_name)
             return np.ascontiguousarray(archs.permute_qk(x, heads)) if permute else x
 
-        jobs.append(TensorJob(name, shape, ggml_type, load, note))
+        jobs.append(TensorJob(name, ckpt.shape(hf_name), GGMLType.F32, load))
     if not jobs:
         raise QtoolError(f"{ckpt.folder}: no tensors to convert")
+    n_layer = int(_hparam(config, "num_hidden_layers"))
+    _assign_types(jobs, key, recipes.ModelFacts(arch.gguf_name, n_layer, n_head, n_head_kv), opts)
 
     model_name = ckpt.folder.name if ckpt.folder.name not in ("", ".") else "model"
     if "snapshots" in ckpt.folder.parts:  # hub cache: models--org--name/snapshots/<hash>
@@ -188,6 +194,47 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, target: GGMLType) -> Plan:
     md.append(("general.quantization_version", GGML_QUANTIZATION_VERSION, ValueType.UINT32, None))
     md += tok.entries
     return Plan(md, jobs, model_name, key, tok.warnings, ckpt.close)
+
+
+def _plan_gguf(path: Path, key: str, opts: RecipeOptions, allow_requantize: bool) -> Plan:
+    """Requantize a GGUF file: metadata copied (file type updated), tensors in llama-quantize's order."""
+    from qtool.formats.gguf_reader import GGUFFile
+    g = GGUFFile(path)
+    try:
+        facts = recipes.ModelFacts.from_gguf_kv(g.metadata)
+        warnings = []
+        jobs = []
+        for name in recipes.llama_order(list(g.tensors)):
+            t = g.tensors[name]
+            jobs.append(TensorJob(name, t.shape, t.ggml_type, lambda t=t: _dequantize(g, t), source_type=t.ggml_type))
+        _assign_types(jobs, key, facts, opts)
+        requant = [j.name for j in jobs if j.source_type not in FLOAT_TYPES and j.ggml_type != j.source_type]
+        if requant and not allow_requantize:
+            raise QtoolError(f"{path}: tensor {requant[0]} is already {g.tensors[requant[0]].ggml_type.name}; "
+                             "requantizing loses quality, pass --allow-requantize to do it anyway")
+        if requant:
+            warnings.append(f"requantizing {len(requant)} already-quantized tensors; quality will suffer")
+        # as llama-quantize does: copy the metadata, then append the quantization version and file type
+        md = [(k, f.value, f.type, f.elem_type) for k, f in g.fields.items()
+              if k not in ("general.file_type", "general.quantization_version", "general.alignment")]
+        md.append(("general.quantization_version", GGML_QUANTIZATION_VERSION, ValueType.UINT32, None))
+        md.append(("general.file_type", int(FILE_TYPES[key]), ValueType.UINT32, None))
+        name = str(g.get("general.name") or path.stem.split(".")[0])
+        return Plan(md, jobs, name, key, warnings, g.close, source=g)
+    except BaseException:
+        g.close()
+        raise
+
+
+def _dequantize(g, t) -> np.ndarray:
+    if t.ggml_type == GGMLType.F32:
+        return np.array(g.array(t.name))
+    if t.ggml_type == GGMLType.F16:
+        return g.array(t.name).astype(np.float32)
+    if t.ggml_type == GGMLType.BF16:
+        return bf16_to_f32(g.array(t.name))
+    from qtool import kernels
+    return kernels.dequantize(t.ggml_type, g.raw(t.name), t.shape[-1]).reshape(t.shape)
 
 
 def encode(x: np.ndarray, ggml_type: GGMLType, name: str) -> np.ndarray:
@@ -215,7 +262,10 @@ def write(plan_: Plan, out: Path, on_tensor: Callable[[TensorJob, int], None] = 
     with writer:
         writer.open()
         for job in plan_.jobs:
-            data = encode(job.load(), job.ggml_type, job.name)
+            if job.source_type == job.ggml_type:  # unchanged: copy the stored bytes
+                data = plan_.source.raw(job.name)
+            else:
+                data = encode(job.load(), job.ggml_type, job.name)
             writer.write_tensor(job.name, data)
             on_tensor(job, data.nbytes)
             del data
