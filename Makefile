@@ -1,0 +1,39 @@
+# qtool: `make demo` (install, then convert, inspect and run the bundled sample) and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+QTOOL := $(PYTHON) -m qtool
+SAMPLE := examples/stories260K
+OUT := build
+
+.PHONY: install install-dev test demo bench clean
+
+install:  ## qtool and its runtime dependencies
+	$(PIP) install -q -e .
+
+install-dev:  ## plus the test tools and the reference oracles (llama.cpp built from source, torch CPU, transformers)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -e '.[test,reference]'
+
+test: install-dev
+	$(PYTHON) -m pytest -q tests
+
+demo: install
+	@mkdir -p $(OUT)
+	$(QTOOL) convert $(SAMPLE) -o $(OUT)/stories260K.Q8_0.gguf --type Q8_0
+	$(QTOOL) inspect $(OUT)/stories260K.Q8_0.gguf
+	$(QTOOL) inspect $(SAMPLE)
+
+bench: install-dev
+	$(PYTHON) scripts/bench_convert.py
+
+clean:
+	rm -rf $(OUT) bench-out
+
+# Batch conversion: for a checkpoint folder models/foo/ (config.json + safetensors),
+#   make -j4 models/foo.Q4_K_M.gguf models/foo.Q8_0.gguf models/bar.Q4_K_M.gguf
+# converts each in its own process; outputs appear only when complete, and a failure stops make with its error.
+QTYPES := F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K
+define QTYPE_RULE
+%.$(1).gguf: %/config.json
+	$$(QTOOL) convert $$* -o $$@ --type $(1) --quiet
+endef
+$(foreach t,$(QTYPES),$(eval $(call QTYPE_RULE,$(t))))
