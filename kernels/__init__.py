@@ -15,6 +15,13 @@ from qtool.formats.constants import TYPE_INFO, GGMLType
 # ggml type → module in this package holding its kernels
 _MODULES: dict[GGMLType, str] = {
     GGMLType.Q8_0: "q8_0",
+    GGMLType.Q4_0: "q4_0",
+    GGMLType.Q4_1: "q4_1",
+    GGMLType.Q5_0: "q5_0",
+    GGMLType.Q5_1: "q5_1",
+    GGMLType.Q2_K: "q2_k",
+    GGMLType.Q4_K: "q4_k",
+    GGMLType.Q5_K: "q5_k",
 }
 
 

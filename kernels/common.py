@@ -1,7 +1,8 @@
 """Scalar helpers shared by every kernel: ggml's rounding and fp16 encoding, bit for bit.
 
-They run inside numba kernels, so they avoid bit views of scalars and work on exact float64 arithmetic: every
-float32 value is exact in float64, which keeps the results identical to ggml's C code.
+They run inside numba kernels. Rounding works on exact float64 arithmetic (every float32 value is exact in
+float64); fp16 conversion works on float32 bit patterns (numba views scalars), which keeps it cheap enough to
+run once per block. Both are identical to ggml's C code.
 """
 import math
 
@@ -33,43 +34,43 @@ def roundf(x: np.float32) -> float:
 
 
 @njit(cache=True, inline="always")
-def fp16_bits(f: float) -> int:
-    """IEEE binary16 bits of a float32 value, round to nearest even (what F16C and numpy do)."""
-    if f != f:
-        return 0x7E00
-    sign = 0
-    if f < 0.0 or (f == 0.0 and math.copysign(1.0, f) < 0.0):
-        sign = 0x8000
-    a = abs(f)
-    if a == 0.0:
+def fp16_bits(f: np.float32) -> int:
+    """IEEE binary16 bits of a float32 value, round to nearest even, as ggml's fp32→fp16 (NaN → sign|0x7E00).
+
+    Works on the float32 bit pattern (f is taken as float32 first); checked against numpy for all 2^32 inputs.
+    """
+    u = int(np.float32(f).view(np.uint32))
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a >= 0x477FF000:  # >= 65520 rounds to inf; inf; NaN
+        return sign | (0x7E00 if a > 0x7F800000 else 0x7C00)
+    if a >= 0x38800000:  # normal half: drop 13 mantissa bits, ties to even; a carry moves into the exponent
+        return sign | (((a + 0xFFF + ((a >> 13) & 1)) >> 13) - (112 << 10))
+    # subnormal half or zero, in units of 2^-24: the 24-bit significand shifted right by 126 - exponent >= 14
+    s = 126 - (a >> 23)
+    if s > 24:
         return sign
-    if a == math.inf:
-        return sign | 0x7C00
-    m, e = math.frexp(a)  # a = m * 2**e, 0.5 <= m < 1
-    exp16 = e + 14
-    if exp16 >= 1:
-        r = int(round_half_even(m * 2048.0))  # 11 significant bits
-        if r == 2048:
-            r = 1024
-            exp16 += 1
-        if exp16 >= 31:
-            return sign | 0x7C00
-        return sign | (exp16 << 10) | (r - 1024)
-    # subnormal: units of 2**-24; a carry into 1024 is the smallest normal, which encodes the same way
-    return sign | int(round_half_even(math.ldexp(m, e + 24)))
+    m = (a & 0x7FFFFF) | 0x800000
+    q = m >> s
+    rem = m - (q << s)
+    half = 1 << (s - 1)
+    if rem > half or (rem == half and q & 1):
+        q += 1  # a carry into 1024 is the smallest normal, which encodes the same way
+    return sign | q
 
 
 @njit(cache=True, inline="always")
 def fp16_value(bits: int) -> np.float32:
-    """float32 value of IEEE binary16 bits."""
-    sign = -1.0 if bits & 0x8000 else 1.0
+    """float32 value of IEEE binary16 bits (NaN payloads kept, as ggml's fp16→fp32)."""
+    sign = (bits & 0x8000) << 16
     exp = (bits >> 10) & 0x1F
     mant = bits & 0x3FF
     if exp == 0:
-        return np.float32(sign * math.ldexp(mant, -24))
+        v = np.float32(np.float32(mant) * np.float32(5.9604644775390625e-08))  # mant * 2^-24, exact
+        return -v if sign else v
     if exp == 31:
-        return np.float32(sign * math.inf) if mant == 0 else np.float32(math.nan)
-    return np.float32(sign * math.ldexp(1024 + mant, exp - 25))
+        return np.uint32(sign | 0x7F800000 | (mant << 13)).view(np.float32)
+    return np.uint32(sign | ((exp + 112) << 23) | (mant << 13)).view(np.float32)
 
 
 @njit(cache=True, inline="always")

@@ -1,0 +1,156 @@
+"""Row code shared by llama.cpp's legacy 32-weight types; the kernels live in q4_0.py, q4_1.py, q5_0.py, q5_1.py.
+
+Layouts (ggml's block_q4_0 … block_q5_1, little-endian, no padding):
+
+    Q4_0  d:fp16  qs[16]                  x = d * (q - 8)     18 bytes
+    Q4_1  d:fp16  m:fp16  qs[16]          x = d * q + m       20 bytes
+    Q5_0  d:fp16  qh[4]  qs[16]           x = d * (q - 16)    22 bytes
+    Q5_1  d:fp16  m:fp16  qh[4]  qs[16]   x = d * q + m       24 bytes
+
+qs[j] holds weight j in its low nibble and weight j+16 in its high nibble; for the 5-bit types qh, read as a
+little-endian uint32, holds bit 4 of weight i in bit i.
+
+Quantization is quantize_row_q*_ref (the path ggml_quantize_chunk takes without an importance matrix):
+  "_0" types: m = the weight of largest magnitude (the first on ties, +0 for a block of zeros),
+              d = m / -2^(bits-1), q = min(2^bits - 1, (int8_t)(x * (1/d) + 2^(bits-1) + 0.5))
+  "_1" types: d = (max - min) / (2^bits - 1), q = (int8_t)((x - min) * (1/d) + 0.5), clamped to 15 for Q4_1
+where 1/d is taken of the unrounded float32 d (0 when d is 0), every operation is rounded to float32 on its
+own, and there is no fused multiply-add: ggml-quants.c sits in ggml-base, which x86-64 builds compile without
+-mfma (the built libggml-base.so does mulps then addps there). gcc compiles the casts to cvttps2dq — truncate,
+NaN and out of range giving INT32_MIN — and keeps the low byte; `c_int8` does the same, so blocks holding
+inf or NaN, or whose 1/d overflows, come out as llama.cpp writes them.
+
+Speed: a block whose weights and 1/d are finite has every x * (1/d) + bias in [0, 2^bits], where the plain
+int32 conversion equals the C cast; that fast path is written as loops numba's LLVM vectorizes. Their trip
+count `qk` is 32 computed at run time on purpose: numba leaves LLVM's SLP vectorizer off, so a loop of a
+known 32 iterations gets fully unrolled into scalar code instead of vectorized.
+"""
+import numpy as np
+from numba import njit
+
+from .common import load_fp16, store_fp16
+
+QK = 32
+FLT_MAX = np.float32(3.4028234663852886e38)
+INF = np.float32(np.inf)
+
+
+@njit(cache=True, inline="always")
+def c_int8(v: np.float32) -> int:
+    """(int8_t)v as gcc on x86-64 computes it: truncate to int32 (NaN/out of range → INT32_MIN), keep the low byte."""
+    if v >= np.float32(-2147483648.0) and v < np.float32(2147483648.0):
+        i = int(v)
+    else:
+        i = -2147483648
+    return ((i & 0xFF) ^ 0x80) - 0x80
+
+
+@njit(cache=True, inline="always")
+def quantize_row(xr, orow, block_bytes, affine, five):
+    """One row: xr float32 (cols,) → orow uint8 (cols/32*block_bytes,). affine: Q4_1/Q5_1; five: Q5_0/Q5_1."""
+    nb = xr.shape[0] // QK
+    if nb == 0:
+        return
+    qk = xr.shape[0] // nb  # == QK, but opaque to LLVM (see the module docstring)
+    half = qk // 2
+    codes = np.empty(QK, np.int32)
+    levels = np.float32(31.0) if five else np.float32(15.0)
+    clamp = np.int32(31 if five else 15)
+    neg_half = np.float32(-16.0) if five else np.float32(-8.0)
+    if affine:
+        bias = np.float32(0.5)
+        if five:
+            clamp = np.int32(255)  # quantize_row_q5_1_ref casts to uint8_t with no clamp; the low byte is the same
+    else:
+        bias = np.float32(16.5) if five else np.float32(8.5)
+    qh_pos = 4 if affine else 2
+    qs_pos = qh_pos + 4 if five else qh_pos
+    for b in range(nb):
+        c0 = b * QK
+        o = b * block_bytes
+        nan = False
+        if affine:
+            lo = FLT_MAX
+            hi = -FLT_MAX
+            for j in range(QK):
+                v = xr[c0 + j]
+                if v < lo:
+                    lo = v
+                if v > hi:
+                    hi = v
+                nan |= v != v
+            d = np.float32(np.float32(hi - lo) / levels)
+            store_fp16(orow, o + 2, lo)
+            finite = not nan and hi < INF and lo > -INF
+        else:
+            lo = np.float32(0.0)
+            amax = np.float32(0.0)
+            m = np.float32(0.0)
+            for j in range(QK):
+                v = xr[c0 + j]
+                if amax < abs(v):
+                    amax = abs(v)
+                    m = v
+                nan |= v != v
+            d = np.float32(m / neg_half)
+            finite = not nan and amax < INF
+        inv = np.float32(np.float32(1.0) / d) if d != 0 else np.float32(0.0)
+        store_fp16(orow, o, d)
+        if finite and abs(d) < INF and abs(inv) < INF:
+            if affine:
+                for j in range(qk):
+                    t = np.float32(np.float32(xr[c0 + j] - lo) * inv)
+                    codes[j] = min(np.int32(np.float32(t + bias)), clamp)
+            else:
+                for j in range(qk):
+                    codes[j] = min(np.int32(np.float32(np.float32(xr[c0 + j] * inv) + bias)), clamp)
+        else:
+            for j in range(QK):
+                t = np.float32(xr[c0 + j] - lo) if affine else xr[c0 + j]
+                codes[j] = min(clamp, c_int8(np.float32(np.float32(t * inv) + bias)))
+        if five:
+            qh = np.uint32(0)
+            for j in range(qk):
+                qh |= np.uint32((codes[j] >> 4) & 1) << np.uint32(j)
+            for k in range(4):
+                orow[o + qh_pos + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+            for j in range(half):
+                orow[o + qs_pos + j] = np.uint8((codes[j] & 0x0F) | ((codes[j + QK // 2] & 0x0F) << 4))
+        else:  # quantize_row_q4_*_ref stores the whole byte of the low code, then ORs the high one in
+            for j in range(half):
+                orow[o + qs_pos + j] = np.uint8((codes[j] | (codes[j + QK // 2] << 4)) & 0xFF)
+
+
+@njit(cache=True, inline="always")
+def dequantize_row(qr, yr, block_bytes, affine, five):
+    """One row: qr uint8 packed → yr float32: d * (code - 2^(bits-1)), or d * code + m (no fused multiply-add)."""
+    nb = yr.shape[0] // QK
+    if nb == 0:
+        return
+    qk = yr.shape[0] // nb
+    half = qk // 2
+    offset = np.int32(0 if affine else (16 if five else 8))
+    qh_pos = 4 if affine else 2
+    qs_pos = qh_pos + 4 if five else qh_pos
+    for b in range(nb):
+        o = b * block_bytes
+        c0 = b * QK
+        d = load_fp16(qr, o)
+        m = load_fp16(qr, o + 2) if affine else np.float32(0.0)
+        qh = np.uint32(0)
+        if five:
+            qh = np.uint32(qr[o + qh_pos]) | (np.uint32(qr[o + qh_pos + 1]) << np.uint32(8)) \
+                | (np.uint32(qr[o + qh_pos + 2]) << np.uint32(16)) | (np.uint32(qr[o + qh_pos + 3]) << np.uint32(24))
+        for j in range(half):
+            byte = np.int32(qr[o + qs_pos + j])
+            c_lo = byte & 0x0F
+            c_hi = byte >> 4
+            if five:
+                c_lo |= np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+                c_hi |= np.int32((qh >> np.uint32(j + QK // 2)) & np.uint32(1)) << 4
+            if affine:
+                yr[c0 + j] = np.float32(np.float32(c_lo) * d) + m
+                yr[c0 + j + QK // 2] = np.float32(np.float32(c_hi) * d) + m
+            else:
+                yr[c0 + j] = np.float32(c_lo - offset) * d
+                yr[c0 + j + QK // 2] = np.float32(c_hi - offset) * d
