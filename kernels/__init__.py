@@ -22,6 +22,8 @@ _MODULES: dict[GGMLType, str] = {
     GGMLType.Q2_K: "q2_k",
     GGMLType.Q4_K: "q4_k",
     GGMLType.Q5_K: "q5_k",
+    GGMLType.Q3_K: "q3_k",
+    GGMLType.Q6_K: "q6_k",
 }
 
 

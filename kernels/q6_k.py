@@ -1,0 +1,383 @@
+"""Q6_K: super-blocks of 256 weights in 16 sub-blocks of 16, x = (d*sc)*(q - 32) (ggml's block_q6_K).
+
+Layout (210 bytes, little-endian): ql[128] @0, qh[64] @128, scales[16] (int8) @192, d:fp16 @208. For each half
+of 128 weights (h = 0, 1) and l < 32, with codes q = 0..63 of weights h*128 + l + 32*k (k = 0..3):
+ql[64h + l] = lo4(q0) | lo4(q2) << 4, ql[64h + 32 + l] = lo4(q1) | lo4(q3) << 4,
+qh[32h + l] = hi2(q0) | hi2(q1) << 2 | hi2(q2) << 4 | hi2(q3) << 6.
+
+Quantization is quantize_row_q6_K_ref (what ggml_quantize_chunk runs without an importance matrix): each
+sub-block's scale comes from make_qx_quants(nmax 32, rmse_type 1: weights x*x, 19 trial scales), the 16 scales
+are quantized to int8 against a fp16 super-scale, then every weight is requantized with its final scale.
+
+Bit-exactness: float32 arithmetic in C's order (see kquant_common), ggml's nearest_int including its behaviour
+outside ±4194303. The fast path runs the 16 sub-blocks of a super-block as 16 lanes (the 19 trials of each lane
+are independent, the winner is picked afterwards in C's order); a super-block holding inf or NaN goes through
+the plain transcription `quantize_block_ref` instead.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .common import load_fp16, store_fp16
+from .kquant_common import MAGIC, NEAREST_INT_SAFE, QK_K, ggml_nearest_int
+
+BLOCK_BYTES = 210
+QL, QH, SCALES, D = 0, 128, 192, 208
+NMAX = 32
+NSUB = QK_K // 16  # sub-blocks of 16 weights
+NTRY = 19  # make_qx_quants' first scale, then is = -9..-1, 1..9
+GROUP_MAX_EPS = np.float32(1e-15)
+F0 = np.float32(0.0)
+F1 = np.float32(1.0)
+TENTH = np.float32(0.1)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _clamp(l: int, lo: int, hi: int) -> int:
+    return lo if l < lo else (hi if l > hi else l)
+
+
+@njit(cache=True, error_model="numpy")
+def make_qx_quants(x, nmax: int, L) -> np.float32:
+    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL), plainly transcribed.
+
+    Codes nmax + clamp(l, -nmax, nmax-1) go to L[:n] (0 for an all-zero group); returns the scale (x ≈ scale*(L-nmax)).
+    """
+    n = x.shape[0]
+    mx = F0
+    amax = F0
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F0
+    fnmax = np.float32(nmax)
+    iscale = np.float32(-fnmax / mx)
+    sumlx = F0
+    suml2 = F0
+    for i in range(n):
+        l = _clamp(ggml_nearest_int(np.float32(iscale * x[i])), -nmax, nmax - 1)
+        L[i] = l + nmax
+        w = np.float32(x[i] * x[i])
+        fl = np.float32(l)
+        sumlx = np.float32(sumlx + np.float32(np.float32(w * x[i]) * fl))
+        suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
+    scale = np.float32(sumlx / suml2) if suml2 != F0 else F0  # C: suml2 ? ... (NaN counts as true)
+    best = np.float32(scale * sumlx)
+    for is_ in range(-9, 10):
+        if is_ == 0:
+            continue
+        iscale = np.float32(-np.float32(fnmax + np.float32(TENTH * np.float32(is_))) / mx)
+        sumlx = F0
+        suml2 = F0
+        for i in range(n):
+            fl = np.float32(_clamp(ggml_nearest_int(np.float32(iscale * x[i])), -nmax, nmax - 1))
+            w = np.float32(x[i] * x[i])
+            sumlx = np.float32(sumlx + np.float32(np.float32(w * x[i]) * fl))
+            suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
+        if suml2 > F0 and np.float32(sumlx * sumlx) > np.float32(best * suml2):
+            for i in range(n):
+                L[i] = nmax + _clamp(ggml_nearest_int(np.float32(iscale * x[i])), -nmax, nmax - 1)
+            scale = np.float32(sumlx / suml2)
+            best = np.float32(scale * sumlx)
+    return scale
+
+
+@njit(cache=True, error_model="numpy")
+def _pack(row, o: int, L, tmp) -> None:
+    """Codes L[:256] (0..63) → ql, qh (row[o:o+192]). tmp: uint8 (192,) scratch; packing there first and
+    copying lets LLVM vectorise (it cannot tell that row and L do not overlap)."""
+    n = L.shape[0] // 8  # 32, run-time
+    for h in range(2):
+        b = 128 * h
+        for l in range(n):
+            q0 = np.int32(L[b + l])
+            q1 = np.int32(L[b + l + 32])
+            q2 = np.int32(L[b + l + 64])
+            q3 = np.int32(L[b + l + 96])
+            tmp[QL + 64 * h + l] = (q0 & 0xF) | ((q2 & 0xF) << 4)
+            tmp[QL + 64 * h + l + 32] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+            tmp[QH + 32 * h + l] = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6)
+    for k in range(tmp.shape[0]):
+        row[o + k] = tmp[k]
+
+
+@njit(cache=True, error_model="numpy")
+def _finish_scales(row, o: int, scales):
+    """Quantize the 16 sub-block scales to int8 with the fp16 super-scale d; returns (d as float32, False), or
+    (0, True) when the whole block was written as zeros (all scales below GROUP_MAX_EPS)."""
+    max_scale = F0
+    max_abs = F0
+    for j in range(NSUB):
+        a = abs(scales[j])
+        if a > max_abs:
+            max_abs = a
+            max_scale = scales[j]
+    if max_abs < GROUP_MAX_EPS:
+        for k in range(BLOCK_BYTES):
+            row[o + k] = 0
+        return F0, True
+    iscale = np.float32(np.float32(-128.0) / max_scale)
+    d = store_fp16(row, o + D, np.float32(F1 / iscale))
+    for j in range(NSUB):
+        row[o + SCALES + j] = min(127, ggml_nearest_int(np.float32(iscale * scales[j]))) & 0xFF
+    return d, False
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_block_ref(xb, row, o: int, L) -> None:
+    """quantize_row_q6_K_ref on one super-block xb[:256] → row[o:o+210], plainly transcribed (L: uint8 (448,)
+    scratch)."""
+    scales = np.empty(NSUB, dtype=np.float32)
+    for j in range(NSUB):
+        scales[j] = make_qx_quants(xb[16 * j:16 * j + 16], NMAX, L[16 * j:16 * j + 16])
+    dall, zero = _finish_scales(row, o, scales)
+    if zero:
+        return
+    for j in range(NSUB):
+        d = np.float32(dall * np.float32(np.int8(row[o + SCALES + j])))
+        if d == F0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * j + i] / d)), -32, 31) + 32
+    _pack(row, o, L[:QK_K], L[QK_K:QK_K + SCALES])
+
+
+# ---- fast path: the sub-blocks of GROUP super-blocks as lanes -------------------------------------------------
+# Lane j = 16*g + s is sub-block s of super-block g of the group. Scratch per worker, flat float32 arrays indexed
+# with the compile-time LANES (so LLVM sees constant offsets from one base and needs no run-time alias checks):
+#   xs[(3*i + k)*LANES + j]: weight i of lane j (k=0), w = x*x (k=1), w*x (k=2);
+#   ts[(k*NTRY + t)*LANES + j]: iscale (k=0), sum of w*x*l (k=1), sum of w*l*l (k=2), their ratio, the scale
+#   (k=3) and scale * sum w*x*l (k=4) of trial t;
+#   vec[k*LANES + j]: per-lane values, k below.
+# Loops run over lanes (vectorised) outside and over weights or trials inside (unrolled, values in registers).
+
+GROUP = 4  # super-blocks per group
+LANES = NSUB * GROUP
+_MX, _ALIVE, _BAD, _SCALE, _WISC, _DL, _SKIP = range(7)
+NVEC = 7
+
+
+@njit(cache=True, error_model="numpy")
+def _gather(x, k0: int, cnt: int, xs) -> None:
+    """Super-blocks k0 .. k0+cnt-1 of x (counted row after row) → xs[3*i*LANES + 16*g + s]; zeros past cnt."""
+    nb = x.shape[1] // QK_K
+    for g in range(GROUP):
+        if g < cnt:
+            k = k0 + g
+            xb = x[k // nb, (k % nb) * QK_K:(k % nb + 1) * QK_K]
+            for s in range(NSUB):
+                for i in range(16):
+                    xs[3 * i * LANES + NSUB * g + s] = xb[16 * s + i]
+        else:
+            for s in range(NSUB):
+                for i in range(16):
+                    xs[3 * i * LANES + NSUB * g + s] = F0
+
+
+@njit(cache=True, error_model="numpy")
+def _lanes_prepare(xs, ts, vec) -> None:
+    """w = x*x and w*x, each lane's max |x| (the first one wins, as C), inf/NaN flags, the 19 iscales."""
+    nl = vec.shape[0] // NVEC  # LANES, as a run-time trip count
+    fnmax = np.float32(NMAX)
+    for j in range(nl):
+        amax = F0
+        mx = F0
+        bad = F0
+        for i in range(16):
+            v = xs[3 * i * LANES + j]
+            ax = abs(v)
+            up = ax > amax
+            amax = ax if up else amax
+            mx = v if up else mx
+            bad = np.float32(bad + np.float32(v * F0))  # NaN once a weight is inf or NaN
+            w = np.float32(v * v)
+            xs[(3 * i + 1) * LANES + j] = w
+            xs[(3 * i + 2) * LANES + j] = np.float32(w * v)
+        a = (amax >= GROUP_MAX_EPS) & (bad == F0)
+        vec[_ALIVE * LANES + j] = F1 if a else F0
+        vec[_BAD * LANES + j] = bad
+        m = mx if a else F1
+        ts[j] = np.float32(-fnmax / m)
+        for t in range(1, NTRY):
+            s = np.float32(t - 10 if t < 10 else t - 9)
+            ts[t * LANES + j] = np.float32(-np.float32(fnmax + np.float32(TENTH * s)) / m)
+
+
+@njit(cache=True, error_model="numpy")
+def _lanes_sums(xs, ts) -> None:
+    """For every trial t and lane j: sums of w*x*l and w*l*l, l = clamp(nearest_int(iscale*x), -32, 31), in C's
+    order (|iscale*x| <= 33 for finite weights, so nearest_int is the plain 1.5*2^23 rounding)."""
+    nl = ts.shape[0] // (5 * NTRY)
+    lo = np.float32(-NMAX)
+    hi = np.float32(NMAX - 1)
+    for t in range(NTRY):
+        for j in range(nl):
+            isc = ts[t * LANES + j]
+            s1 = F0
+            s2 = F0
+            for i in range(16):
+                x = xs[3 * i * LANES + j]
+                r = np.float32(np.float32(np.float32(isc * x) + MAGIC) - MAGIC)
+                r = r if r > lo else lo
+                r = r if r < hi else hi
+                s1 = np.float32(s1 + np.float32(xs[(3 * i + 2) * LANES + j] * r))
+                s2 = np.float32(s2 + np.float32(np.float32(xs[(3 * i + 1) * LANES + j] * r) * r))
+            ts[(NTRY + t) * LANES + j] = s1
+            ts[(2 * NTRY + t) * LANES + j] = s2
+
+
+@njit(cache=True, error_model="numpy")
+def _lanes_pick(ts, vec) -> None:
+    """make_qx_quants' choice among the trials, in C's order: the scale and the iscale its codes came from.
+    Each trial's scale s1/s2 and its `best` (s1/s2)*s1 are computed first (ts planes 3, 4), so the sequential
+    choice itself is only compares and selects."""
+    nl = vec.shape[0] // NVEC
+    for t in range(NTRY):
+        for j in range(nl):
+            s1 = ts[(NTRY + t) * LANES + j]
+            sc = np.float32(s1 / ts[(2 * NTRY + t) * LANES + j])
+            ts[(3 * NTRY + t) * LANES + j] = sc
+            ts[(4 * NTRY + t) * LANES + j] = np.float32(sc * s1)
+    for j in range(nl):
+        s1 = ts[NTRY * LANES + j]
+        s2 = ts[2 * NTRY * LANES + j]
+        z = s2 != F0  # C: suml2 ? sumlx/suml2 : 0 (NaN counts as true)
+        sc = ts[3 * NTRY * LANES + j]
+        bt = ts[4 * NTRY * LANES + j]
+        scale = sc if z else F0
+        best = bt if z else np.float32(F0 * s1)
+        wisc = ts[j]
+        for t in range(1, NTRY):  # loads first: a load inside a select would become a masked load
+            s1 = ts[(NTRY + t) * LANES + j]
+            s2 = ts[(2 * NTRY + t) * LANES + j]
+            sc = ts[(3 * NTRY + t) * LANES + j]
+            bt = ts[(4 * NTRY + t) * LANES + j]
+            isc = ts[t * LANES + j]
+            up = (s2 > F0) & (np.float32(s1 * s1) > np.float32(best * s2))
+            scale = sc if up else scale
+            best = bt if up else best
+            wisc = isc if up else wisc
+        vec[_SCALE * LANES + j] = scale if vec[_ALIVE * LANES + j] != F0 else F0
+        vec[_WISC * LANES + j] = wisc
+
+
+@njit(cache=True, error_model="numpy")
+def _block_codes(xb, L, vec, j0: int) -> None:
+    """Final codes 0..63 of one super-block (lanes j0 .. j0+15) into L[:256], in natural order:
+    clamp(nearest_int(x/dl), -32, 31) + 32 where dl = d*sc != 0, else make_qx_quants' own codes (from the
+    winning iscale; 0 for all-zero sub-blocks)."""
+    n = L.shape[0] // NSUB  # 16, as a run-time trip count: the loops over it are vectorised
+    lo = np.float32(-NMAX)
+    hi = np.float32(NMAX - 1)
+    for s in range(NSUB):
+        d = vec[_DL * LANES + j0 + s]
+        if d != F0:
+            ok = True
+            for i in range(n):
+                v = np.float32(xb[16 * s + i] / d)
+                ok &= abs(v) <= NEAREST_INT_SAFE
+                r = np.float32(np.float32(v + MAGIC) - MAGIC)
+                r = r if r > lo else lo
+                r = r if r < hi else hi
+                L[16 * s + i] = np.uint8(np.int32(r) + NMAX)
+            if not ok:  # |x/dl| beyond nearest_int's exact range, or NaN
+                for i in range(n):
+                    L[16 * s + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * s + i] / d)), -32, 31) + 32
+        elif vec[_ALIVE * LANES + j0 + s] != F0:
+            isc = vec[_WISC * LANES + j0 + s]
+            for i in range(n):
+                r = np.float32(np.float32(np.float32(isc * xb[16 * s + i]) + MAGIC) - MAGIC)
+                r = r if r > lo else lo
+                r = r if r < hi else hi
+                L[16 * s + i] = np.uint8(np.int32(r) + NMAX)
+        else:
+            for i in range(n):
+                L[16 * s + i] = 0
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_group(x, out, k0: int, cnt: int, xs, ts, vec, Lu) -> None:
+    """quantize_row_q6_K_ref on super-blocks k0 .. k0+cnt-1 (cnt <= GROUP) of x (counted row after row) → out.
+    Scratch: xs float32 (48*LANES,), ts float32 (5*NTRY*LANES,), vec float32 (NVEC*LANES,), Lu uint8 (448,).
+    Super-blocks holding inf or NaN go through quantize_block_ref."""
+    nb = x.shape[1] // QK_K
+    _gather(x, k0, cnt, xs)
+    _lanes_prepare(xs, ts, vec)
+    _lanes_sums(xs, ts)
+    _lanes_pick(ts, vec)
+    for g in range(cnt):
+        j0 = NSUB * g
+        k = k0 + g
+        row = out[k // nb]
+        o = (k % nb) * BLOCK_BYTES
+        xb = x[k // nb, (k % nb) * QK_K:(k % nb + 1) * QK_K]
+        bad = False
+        for s in range(NSUB):
+            bad |= vec[_BAD * LANES + j0 + s] != F0
+        if bad:  # inf or NaN somewhere: the plain transcription
+            quantize_block_ref(xb, row, o, Lu)
+            continue
+        dall, zero = _finish_scales(row, o, vec[_SCALE * LANES + j0:_SCALE * LANES + j0 + NSUB])
+        if zero:
+            continue
+        for s in range(NSUB):
+            vec[_DL * LANES + j0 + s] = np.float32(dall * np.float32(np.int8(row[o + SCALES + s])))
+        _block_codes(xb, Lu[:QK_K], vec, j0)
+        _pack(row, o, Lu[:QK_K], Lu[QK_K:QK_K + SCALES])
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize(x: np.ndarray, out: np.ndarray) -> None:
+    """quantize_row_q6_K_ref over rows: x float32 (rows, cols) → out uint8 (rows, cols/256*210).
+
+    Parallel over workers, each taking a contiguous run of groups of GROUP super-blocks (counted row after row).
+    """
+    n_rows, n_cols = x.shape
+    total = n_rows * (n_cols // QK_K)
+    n_groups = (total + GROUP - 1) // GROUP
+    n_work = min(n_groups, 1024)
+    for w in prange(n_work):
+        xs = np.empty(48 * LANES, dtype=np.float32)
+        ts = np.empty(5 * NTRY * LANES, dtype=np.float32)
+        vec = np.empty(NVEC * LANES, dtype=np.float32)
+        Lu = np.empty(QK_K + SCALES, dtype=np.uint8)
+        for c in range(w * n_groups // n_work, (w + 1) * n_groups // n_work):
+            k0 = c * GROUP
+            quantize_group(x, out, k0, min(GROUP, total - k0), xs, ts, vec, Lu)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize_ref(x: np.ndarray, out: np.ndarray) -> None:
+    """Same as quantize, through the plain transcription only (for tests)."""
+    n_rows, n_cols = x.shape
+    for r in prange(n_rows):
+        Lu = np.empty(QK_K + SCALES, dtype=np.uint8)
+        for b in range(n_cols // QK_K):
+            quantize_block_ref(x[r, b * QK_K:(b + 1) * QK_K], out[r], b * BLOCK_BYTES, Lu)
+
+
+@njit(parallel=True, cache=True)
+def dequantize(q: np.ndarray, out: np.ndarray) -> None:
+    """dequantize_row_q6_K over rows: x = (d*sc)*(q - 32), as ggml and gguf-py."""
+    n_rows, n_cols = out.shape
+    for r in prange(n_rows):
+        row = q[r]
+        y = out[r]
+        for b in range(n_cols // QK_K):
+            o = b * BLOCK_BYTES
+            d = load_fp16(row, o + D)
+            for h in range(2):
+                ql = o + QL + 64 * h
+                qh = o + QH + 32 * h
+                base = b * QK_K + 128 * h
+                for k in range(4):
+                    for half in range(2):
+                        ds = np.float32(d * np.float32(np.int8(row[o + SCALES + 8 * h + 2 * k + half])))
+                        for l in range(16 * half, 16 * half + 16):
+                            lo = (row[ql + l + 32 * (k & 1)] >> (4 * (k >> 1))) & 0xF
+                            hi = (row[qh + l] >> (2 * k)) & 3
+                            y[base + 32 * k + l] = np.float32(ds * np.float32(np.int32(lo | (hi << 4)) - 32))
