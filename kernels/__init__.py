@@ -24,6 +24,7 @@ _MODULES: dict[GGMLType, str] = {
     GGMLType.Q5_K: "q5_k",
     GGMLType.Q3_K: "q3_k",
     GGMLType.Q6_K: "q6_k",
+    GGMLType.Q8_K: "q8_k",  # activations of K-quant dot products (the runner); recipes never write it
 }
 
 

@@ -12,9 +12,19 @@ moving single codes while that improves the weighted fit), the 16 scales are qua
 super-scale, then every weight is requantized with its final scale.
 
 Bit-exactness: float32 arithmetic in C's order (see kquant_common), ggml's nearest_int including its behaviour
-outside ±4194303. The fast path runs the 16 sub-blocks as 16 lanes; a lane that has stopped changing stays
-unchanged through further passes, so all lanes run until none changes (at most 5 passes, as C). A super-block
-holding inf or NaN goes through the plain transcription `quantize_block_ref` instead.
+outside ±4194303, C's int8_t/uint8_t truncations.
+
+Speed: make_q3_quants runs on the 128 sub-blocks of GROUP super-blocks at once, one per lane, every loop over the
+lanes vectorised by LLVM. A lane whose pass changed nothing stays unchanged through further passes (its state is
+what that pass saw throughout), so all lanes run until none changes, at most 5 passes, as C. Rare cases leave the
+fast path: a super-block holding inf or NaN is done by the plain transcription `quantize_block_ref`, a sub-block
+whose refinement needs nearest_int beyond its exact range by `make_q3_quants`, a requantization beyond it by
+ggml_nearest_int. `quantize_ref` runs the transcription alone (for tests).
+
+What LLVM needs to vectorise these loops (checked in the assembly): run-time trip counts over the lanes (16
+known iterations get unrolled instead), flat scratch arrays indexed with compile-time strides (no run-time alias
+checks), loops over lanes outermost only when the inner loop over weights has no stores, and no in-place
+conditional updates (they become masked stores, very slow on AMD).
 """
 import numpy as np
 from numba import njit, prange
@@ -146,19 +156,20 @@ def quantize_block_ref(xb, row, o: int, L) -> None:
 # ---- fast path: the sub-blocks of GROUP super-blocks as lanes -------------------------------------------------
 # Lane j = 16*g + s is sub-block s of super-block g of the group. Scratch per worker, flat float32 arrays indexed
 # with the compile-time LANES (so LLVM sees constant offsets from one base and needs no run-time alias checks):
-#   xs[(4*i + k)*LANES + j]: weight i of lane j (k=0), w = x*x (k=1), w*x (k=2), its code l in -4..3 (k=3);
+#   xs[(3*i + k)*LANES + j]: weight i of lane j (k=0), w = x*x (k=1), w*x (k=2); ls[i*LANES + j]: its code l
+#   in -4..3;
 #   vec[k*LANES + j]: per-lane values, k below.
 
 GROUP = 8  # super-blocks per group
 LANES = NSUB * GROUP
 _ISC, _ALIVE, _BAD, _SLX, _SL2, _REDO, _SCALE, _DL = range(8)
 NVEC = 8
-NXS = 4 * 16
+NXS = 3 * 16
 
 
 @njit(cache=True, error_model="numpy")
 def _gather(x, k0: int, cnt: int, xs) -> None:
-    """Super-blocks k0 .. k0+cnt-1 of x (counted row after row) → xs[4*i*LANES + 16*g + s]; zeros past cnt."""
+    """Super-blocks k0 .. k0+cnt-1 of x (counted row after row) → xs[3*i*LANES + 16*g + s]; zeros past cnt."""
     nb = x.shape[1] // QK_K
     for g in range(GROUP):
         if g < cnt:
@@ -166,59 +177,67 @@ def _gather(x, k0: int, cnt: int, xs) -> None:
             xb = x[k // nb, (k % nb) * QK_K:(k % nb + 1) * QK_K]
             for s in range(NSUB):
                 for i in range(16):
-                    xs[4 * i * LANES + NSUB * g + s] = xb[16 * s + i]
+                    xs[3 * i * LANES + NSUB * g + s] = xb[16 * s + i]
         else:
             for s in range(NSUB):
                 for i in range(16):
-                    xs[4 * i * LANES + NSUB * g + s] = F0
+                    xs[3 * i * LANES + NSUB * g + s] = F0
 
 
 @njit(cache=True, error_model="numpy")
-def _lanes_first(xs, vec) -> None:
-    """w = x*x and w*x, each lane's max |x| (the first one wins, as C), inf/NaN flags, iscale = -4/max, then the
-    first codes l = clamp(nearest_int(iscale*x), -4, 3) (|iscale*x| <= 4 here) and the sums of w*x*l, w*l*l."""
+def _lanes_prepare(xs, vec) -> None:
+    """w = x*x and w*x, each lane's max |x| (the first one wins, as C), inf/NaN flags and iscale = -4/max."""
     nl = vec.shape[0] // NVEC  # LANES, as a run-time trip count
-    lo = np.float32(-NMAX)
-    hi = np.float32(NMAX - 1)
     for j in range(nl):
         amax = F0
         mx = F0
         bad = F0
         for i in range(16):
-            v = xs[4 * i * LANES + j]
+            v = xs[3 * i * LANES + j]
             ax = abs(v)
             up = ax > amax
             amax = ax if up else amax
             mx = v if up else mx
             bad = np.float32(bad + np.float32(v * F0))  # NaN once a weight is inf or NaN
             w = np.float32(v * v)
-            xs[(4 * i + 1) * LANES + j] = w
-            xs[(4 * i + 2) * LANES + j] = np.float32(w * v)
+            xs[(3 * i + 1) * LANES + j] = w
+            xs[(3 * i + 2) * LANES + j] = np.float32(w * v)
         a = (amax >= GROUP_MAX_EPS) & (bad == F0)
         vec[_ALIVE * LANES + j] = F1 if a else F0
         vec[_BAD * LANES + j] = bad
-        isc = np.float32(-np.float32(NMAX) / (mx if a else F1))
-        vec[_ISC * LANES + j] = isc
-        s1 = F0
-        s2 = F0
-        for i in range(16):
-            r = np.float32(np.float32(np.float32(isc * xs[4 * i * LANES + j]) + MAGIC) - MAGIC)
-            r = r if r > lo else lo
-            r = r if r < hi else hi
-            xs[(4 * i + 3) * LANES + j] = r
-            s1 = np.float32(s1 + np.float32(xs[(4 * i + 2) * LANES + j] * r))
-            s2 = np.float32(s2 + np.float32(np.float32(xs[(4 * i + 1) * LANES + j] * r) * r))
-        vec[_SLX * LANES + j] = s1
-        vec[_SL2 * LANES + j] = s2
+        vec[_ISC * LANES + j] = np.float32(-np.float32(NMAX) / (mx if a else F1))
         vec[_REDO * LANES + j] = F0
 
 
 @njit(cache=True, error_model="numpy")
-def _refine_step(xs, vec, i: int):
-    """Step i of a refinement pass on every lane at once (codes in xs plane 3, sums in rows _SLX, _SL2).
+def _lanes_first(xs, ls, vec) -> None:
+    """The first codes l = clamp(nearest_int(iscale*x), -4, 3) (|iscale*x| <= 4 here), sums of w*x*l, w*l*l."""
+    nl = vec.shape[0] // NVEC
+    lo = np.float32(-NMAX)
+    hi = np.float32(NMAX - 1)
+    for i in range(16):  # (codes and sums in one loop nest would not be vectorised)
+        for j in range(nl):
+            r = np.float32(np.float32(np.float32(vec[_ISC * LANES + j] * xs[3 * i * LANES + j]) + MAGIC) - MAGIC)
+            r = r if r > lo else lo
+            r = r if r < hi else hi
+            ls[i * LANES + j] = r
+    for j in range(nl):
+        s1 = F0
+        s2 = F0
+        for i in range(16):
+            r = ls[i * LANES + j]
+            s1 = np.float32(s1 + np.float32(xs[(3 * i + 2) * LANES + j] * r))
+            s2 = np.float32(s2 + np.float32(np.float32(xs[(3 * i + 1) * LANES + j] * r) * r))
+        vec[_SLX * LANES + j] = s1
+        vec[_SL2 * LANES + j] = s2
 
-    Returns (some lane changed, some lane flagged). A flagged lane needs nearest_int beyond ±4194303 (or of NaN)
-    for its new code: it is left unchanged and marked in vec[_REDO] to be redone by make_q3_quants afterwards.
+
+@njit(cache=True, error_model="numpy")
+def _refine_pass(xs, ls, vec) -> bool:
+    """One refinement pass on every lane at once (codes in ls, sums in vec rows _SLX, _SL2): for each weight
+    i in turn, vectorised over the lanes. Returns whether some lane changed. A lane whose new code needs
+    nearest_int beyond ±4194303 (or of NaN) is left unchanged and marked in vec[_REDO]: make_q3_quants redoes
+    that sub-block afterwards.
 
     An unchanged lane stores back `old + 0.0` rather than `old`: storing back the value just loaded would let
     LLVM turn the update into a masked store, which is slow on AMD. Adding +0.0 only turns -0.0 into +0.0, and
@@ -226,54 +245,50 @@ def _refine_step(xs, vec, i: int):
     nl = vec.shape[0] // NVEC
     lo = np.float32(-NMAX)
     hi = np.float32(NMAX - 1)
-    anybad = False
     anychg = False
-    for j in range(nl):
-        x = xs[4 * i * LANES + j]
-        w = xs[(4 * i + 1) * LANES + j]
-        wx = xs[(4 * i + 2) * LANES + j]
-        fl = xs[(4 * i + 3) * LANES + j]
-        s1 = vec[_SLX * LANES + j]
-        s2 = vec[_SL2 * LANES + j]
-        slx = np.float32(s1 - np.float32(wx * fl))
-        sl2 = np.float32(s2 - np.float32(np.float32(w * fl) * fl))
-        v = np.float32(np.float32(x * sl2) / slx)
-        go = (slx > F0) & (vec[_ALIVE * LANES + j] != F0)
-        b = go & (not (abs(v) <= NEAREST_INT_SAFE))  # includes NaN
-        anybad |= b
-        vec[_REDO * LANES + j] = F1 if b else vec[_REDO * LANES + j] + F0
-        r = np.float32(np.float32(v + MAGIC) - MAGIC)
-        r = r if r > lo else lo
-        r = r if r < hi else hi
-        nslx = np.float32(slx + np.float32(wx * r))
-        nsl2 = np.float32(sl2 + np.float32(np.float32(w * r) * r))
-        up = (go & (not b) & (r != fl) & (nsl2 > F0)
-              & (np.float32(np.float32(nslx * nslx) * s2) > np.float32(np.float32(s1 * s1) * nsl2)))
-        anychg |= up
-        xs[(4 * i + 3) * LANES + j] = r if up else np.float32(fl + F0)
-        vec[_SLX * LANES + j] = nslx if up else np.float32(s1 + F0)
-        vec[_SL2 * LANES + j] = nsl2 if up else np.float32(s2 + F0)
-    return anychg, anybad
+    for i in range(16):
+        for j in range(nl):
+            x = xs[3 * i * LANES + j]
+            w = xs[(3 * i + 1) * LANES + j]
+            wx = xs[(3 * i + 2) * LANES + j]
+            fl = ls[i * LANES + j]
+            s1 = vec[_SLX * LANES + j]
+            s2 = vec[_SL2 * LANES + j]
+            slx = np.float32(s1 - np.float32(wx * fl))
+            sl2 = np.float32(s2 - np.float32(np.float32(w * fl) * fl))
+            v = np.float32(np.float32(x * sl2) / slx)
+            go = (slx > F0) & (vec[_ALIVE * LANES + j] != F0)
+            b = go & (not (abs(v) <= NEAREST_INT_SAFE))  # includes NaN
+            rd = np.float32(vec[_REDO * LANES + j] + F0)
+            vec[_REDO * LANES + j] = F1 if b else rd
+            r = np.float32(np.float32(v + MAGIC) - MAGIC)
+            r = r if r > lo else lo
+            r = r if r < hi else hi
+            nslx = np.float32(slx + np.float32(wx * r))
+            nsl2 = np.float32(sl2 + np.float32(np.float32(w * r) * r))
+            up = (go & (not b) & (r != fl) & (nsl2 > F0)
+                  & (np.float32(np.float32(nslx * nslx) * s2) > np.float32(np.float32(s1 * s1) * nsl2)))
+            anychg |= up
+            ls[i * LANES + j] = r if up else np.float32(fl + F0)
+            vec[_SLX * LANES + j] = nslx if up else np.float32(s1 + F0)
+            vec[_SL2 * LANES + j] = nsl2 if up else np.float32(s2 + F0)
+    return anychg
 
 
 @njit(cache=True, error_model="numpy")
-def _lanes_refine(xs, vec) -> None:
+def _lanes_refine(xs, ls, vec) -> None:
     """make_q3_quants' up to 5 passes over every lane at once. A lane whose pass changed nothing is left as is by
     further passes (its state is what the pass saw throughout), so running until no lane changed is C's loop."""
     for _ in range(5):
-        changed = False
-        for i in range(16):
-            chg, bad = _refine_step(xs, vec, i)
-            changed |= chg
-        if not changed:
+        if not _refine_pass(xs, ls, vec):
             break
 
 
 @njit(cache=True, error_model="numpy")
-def _block_codes(xb, L, xs, vec, c: int, j0: int) -> None:
+def _block_codes(xb, L, ls, vec, j0: int) -> None:
     """Final codes 0..7 of one super-block (lanes j0 .. j0+15) into L[:256], in natural order:
     clamp(nearest_int(x/dl), -4, 3) + 4 where dl = d*(sc-32) != 0, else make_q3_quants' own codes + 4 (from
-    xs plane c; 0 for all-zero sub-blocks)."""
+    ls; 0 for all-zero sub-blocks)."""
     n = L.shape[0] // NSUB  # 16, as a run-time trip count: the loop over it is vectorised
     lo = np.float32(-NMAX)
     hi = np.float32(NMAX - 1)
@@ -293,7 +308,7 @@ def _block_codes(xb, L, xs, vec, c: int, j0: int) -> None:
                     L[16 * s + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * s + i] / d)), -4, 3) + 4
         elif vec[_ALIVE * LANES + j0 + s] != F0:
             for i in range(16):
-                L[16 * s + i] = np.uint8(np.int32(xs[(4 * i + c) * LANES + j0 + s]) + NMAX)
+                L[16 * s + i] = np.uint8(np.int32(ls[i * LANES + j0 + s]) + NMAX)
         else:
             for i in range(16):
                 L[16 * s + i] = 0
@@ -319,15 +334,15 @@ def _pack(row, o: int, L, tmp) -> None:
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_group(x, out, k0: int, cnt: int, xs, vec, Lu) -> None:
+def quantize_group(x, out, k0: int, cnt: int, xs, ls, vec, Lu) -> None:
     """quantize_row_q3_K_ref on super-blocks k0 .. k0+cnt-1 (cnt <= GROUP) of x (counted row after row) → out.
-    Scratch: xs float32 (NXS*LANES,), vec float32 (NVEC*LANES,), Lu uint8 (352,). Super-blocks holding inf or
-    NaN go through quantize_block_ref."""
+    Scratch: xs float32 (NXS*LANES,), ls float32 (16*LANES,), vec float32 (NVEC*LANES,), Lu uint8 (352,).
+    Super-blocks holding inf or NaN go through quantize_block_ref."""
     nb = x.shape[1] // QK_K
     _gather(x, k0, cnt, xs)
-    _lanes_first(xs, vec)
-    _lanes_refine(xs, vec)
-    c = 3
+    _lanes_prepare(xs, vec)
+    _lanes_first(xs, ls, vec)
+    _lanes_refine(xs, ls, vec)
     L = Lu[:QK_K]
     for j in range(LANES):  # make_q3_quants' return value
         s2 = vec[_SL2 * LANES + j]
@@ -341,7 +356,7 @@ def quantize_group(x, out, k0: int, cnt: int, xs, vec, Lu) -> None:
             xb = x[k // nb, (k % nb) * QK_K + 16 * s:(k % nb) * QK_K + 16 * s + 16]
             vec[_SCALE * LANES + j] = make_q3_quants(xb, NMAX, L)
             for i in range(16):
-                xs[(4 * i + c) * LANES + j] = np.float32(np.int32(L[i]) - NMAX)
+                ls[i * LANES + j] = np.float32(np.int32(L[i]) - NMAX)
     for g in range(cnt):
         j0 = NSUB * g
         k = k0 + g
@@ -357,7 +372,7 @@ def quantize_group(x, out, k0: int, cnt: int, xs, vec, Lu) -> None:
         dall = _finish_scales(row, o, vec[_SCALE * LANES + j0:_SCALE * LANES + j0 + NSUB])
         for s in range(NSUB):
             vec[_DL * LANES + j0 + s] = np.float32(dall * np.float32(_scale(row, o, s)))
-        _block_codes(xb, L, xs, vec, c, j0)
+        _block_codes(xb, L, ls, vec, j0)
         _pack(row, o, L, Lu[QK_K:QK_K + SCALES])
 
 
@@ -373,11 +388,12 @@ def quantize(x: np.ndarray, out: np.ndarray) -> None:
     n_work = min(n_groups, 1024)
     for w in prange(n_work):
         xs = np.empty(NXS * LANES, dtype=np.float32)
+        ls = np.empty(16 * LANES, dtype=np.float32)
         vec = np.empty(NVEC * LANES, dtype=np.float32)
         Lu = np.empty(QK_K + SCALES, dtype=np.uint8)
         for c in range(w * n_groups // n_work, (w + 1) * n_groups // n_work):
             k0 = c * GROUP
-            quantize_group(x, out, k0, min(GROUP, total - k0), xs, vec, Lu)
+            quantize_group(x, out, k0, min(GROUP, total - k0), xs, ls, vec, Lu)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

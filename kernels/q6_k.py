@@ -10,9 +10,14 @@ sub-block's scale comes from make_qx_quants(nmax 32, rmse_type 1: weights x*x, 1
 are quantized to int8 against a fp16 super-scale, then every weight is requantized with its final scale.
 
 Bit-exactness: float32 arithmetic in C's order (see kquant_common), ggml's nearest_int including its behaviour
-outside ±4194303. The fast path runs the 16 sub-blocks of a super-block as 16 lanes (the 19 trials of each lane
-are independent, the winner is picked afterwards in C's order); a super-block holding inf or NaN goes through
-the plain transcription `quantize_block_ref` instead.
+outside ±4194303, C's int8_t truncation of the scales.
+
+Speed: make_qx_quants runs on the 64 sub-blocks of GROUP super-blocks at once, one per lane, every loop over the
+lanes vectorised by LLVM; its 19 trial scales are independent, the winner is picked afterwards in C's order and
+its codes are only recomputed where C keeps them (sub-blocks whose int8 scale is 0). A super-block holding inf or
+NaN is done by the plain transcription `quantize_block_ref`, a requantization beyond nearest_int's exact range by
+ggml_nearest_int. `quantize_ref` runs the transcription alone (for tests). See q3_k for what LLVM needs to
+vectorise these loops.
 """
 import numpy as np
 from numba import njit, prange
@@ -40,7 +45,8 @@ def _clamp(l: int, lo: int, hi: int) -> int:
 def make_qx_quants(x, nmax: int, L) -> np.float32:
     """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL), plainly transcribed.
 
-    Codes nmax + clamp(l, -nmax, nmax-1) go to L[:n] (0 for an all-zero group); returns the scale (x ≈ scale*(L-nmax)).
+    Codes nmax + clamp(l, -nmax, nmax-1) go to L[:n] (0 for an all-zero group); returns the scale
+    (x ≈ scale*(L-nmax)).
     """
     n = x.shape[0]
     mx = F0
@@ -157,8 +163,8 @@ def quantize_block_ref(xb, row, o: int, L) -> None:
 
 GROUP = 4  # super-blocks per group
 LANES = NSUB * GROUP
-_MX, _ALIVE, _BAD, _SCALE, _WISC, _DL, _SKIP = range(7)
-NVEC = 7
+_ALIVE, _BAD, _SCALE, _WISC, _DL = range(5)
+NVEC = 5
 
 
 @njit(cache=True, error_model="numpy")
