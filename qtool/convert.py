@@ -142,7 +142,8 @@ def plan(src: str, type_name: str, opts: RecipeOptions = RecipeOptions(), allow_
 def _assign_types(jobs: list[TensorJob], key: str, facts: recipes.ModelFacts, opts: RecipeOptions) -> None:
     """llama-quantize's per-tensor choice; types without a kernel yet are refused before anything is written."""
     from qtool import kernels
-    writable = set(kernels.quantizable_types()) | {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
+    # Q8_K is the runner's activation type, never a tensor type in files
+    writable = (set(kernels.quantizable_types()) - {GGMLType.Q8_K}) | {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
     for job, tp in zip(jobs, recipes.plan_types(key, [(j.name, j.shape) for j in jobs], facts, opts)):
         if not tp.quantizable:
             continue  # keeps the type the job was planned with (F32 from checkpoints, the source type from GGUF)
