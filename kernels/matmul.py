@@ -1,0 +1,700 @@
+"""Matrix products against weights kept in their stored (quantized) form: y = x @ W.T, W read block by block.
+
+The math is llama.cpp's CPU math. Like ggml, a product first converts the activations to the weight type's
+"vec_dot_type": F16 weights meet activations rounded to F16, BF16 weights activations rounded to BF16, the
+32-weight types Q4_0/Q5_0/Q8_0 activations quantized to Q8_0 (Q4_1/Q5_1 to Q8_1) and the K-quants activations
+quantized to Q8_K (float32 scale per 256, int8 codes, sums of 16). Then, per block, the integer dot of the codes is
+scaled by both scales. The per-block integer sums are computed in float32, which is exact (at most 32 products of
+|q| <= 255 * 127, far below 2^24), so any summation order inside a block gives llama.cpp's integers; only the
+float sums across blocks differ from llama.cpp's in rounding order.
+
+Two paths, same math:
+- `matvec` kernels (decode, a few tokens): one numba kernel per type, parallel over weight rows; each row is
+  decoded block by block straight from the memory map and dotted with every token's activations.
+- blocked (prompt processing, many tokens): tiles of rows are dequantized into a small float32 buffer and handed
+  to BLAS together with the (quantized-then-dequantized) activations; W = d*q and x = dx*qx are exact in
+  float32 products' rounding, so this is the same sum up to float rounding. Never more than one tile of W is
+  materialized.
+
+`linear(w, x)` picks the path. Weights are `Weight` objects: the ggml type, the mmap view, the shape.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from qtool.formats.constants import QK_K, TYPE_INFO, GGMLType
+
+from .common import fp16_bits, fp16_value, load_fp16
+
+F0 = np.float32(0.0)
+TWO112 = np.float32(5.192296858534828e33)  # 2**112: turns half bits << 13 into the half's value
+BLAS_MIN_TOKENS = 8  # from this many tokens on, dequantize tiles and use BLAS
+TILE_BYTES = 4 << 20  # float32 bytes of one dequantized tile
+
+
+# ---- scalar helpers ---------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def h2f(h) -> np.float32:
+    """fp16 bits → float32, branch-free so loops over it vectorize (inf/NaN kept)."""
+    hi = np.uint32(h)
+    em = hi & np.uint32(0x7FFF)
+    f = np.float32(np.uint32(em << np.uint32(13)).view(np.float32) * TWO112)
+    bits = f.view(np.uint32)
+    if em >= np.uint32(0x7C00):
+        bits = (em << np.uint32(13)) | np.uint32(0x7F800000)
+    return np.uint32(bits | ((hi & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+
+@njit(cache=True, inline="always")
+def bf2f(h) -> np.float32:
+    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+
+
+# ---- activation conversion (ggml's quantize_row_q8_0 / q8_1 / q8_K) --------------------------------------------
+@njit(parallel=True, cache=True)
+def quantize_act_q8_0(x, xq, xd, xs):
+    """x float32 (T, K) → codes xq float32 (T, K) (int8 values), scales xd (T, K/32) as fp16-rounded float32 and,
+    for Q8_1, xs = fp16(d * sum(codes)). Like ggml's AVX code: id = 127/amax, round half to even."""
+    T, K = x.shape
+    nb = K // 32
+    for t in prange(T):
+        for b in range(nb):
+            amax = F0
+            for j in range(32):
+                a = abs(x[t, b * 32 + j])
+                if a > amax:
+                    amax = a
+            d = np.float32(amax / np.float32(127.0))
+            inv = np.float32(np.float32(127.0) / amax) if amax != F0 else F0
+            s = 0
+            for j in range(32):
+                q = np.rint(np.float32(x[t, b * 32 + j] * inv))
+                xq[t, b * 32 + j] = q
+                s += int(q)
+            xd[t, b] = fp16_value(fp16_bits(d))
+            xs[t, b] = fp16_value(fp16_bits(np.float32(d * np.float32(s))))
+
+
+@njit(cache=True, inline="always")
+def _nearest_int(v):
+    return np.float32(np.float32(v + np.float32(12582912.0)) - np.float32(12582912.0))
+
+
+@njit(parallel=True, cache=True)
+def quantize_act_q8_k(x, xq, xd, xb):
+    """quantize_row_q8_K_ref: per 256, iscale = -127/max (max: the value of largest magnitude), q = min(127,
+    nearest_int(iscale*x)), d = 1/iscale (float32); xb: sums of each 16 codes."""
+    T, K = x.shape
+    nb = K // QK_K
+    for t in prange(T):
+        for b in range(nb):
+            o = b * QK_K
+            amax = F0
+            mx = F0
+            for j in range(QK_K):
+                a = abs(x[t, o + j])
+                if a > amax:
+                    amax = a
+                    mx = x[t, o + j]
+            if amax == F0:
+                xd[t, b] = F0
+                for j in range(QK_K):
+                    xq[t, o + j] = F0
+                for j in range(16):
+                    xb[t, b * 16 + j] = F0
+                continue
+            iscale = np.float32(np.float32(-127.0) / mx)
+            for j in range(QK_K):
+                v = _nearest_int(np.float32(iscale * x[t, o + j]))
+                xq[t, o + j] = min(np.float32(127.0), v)
+            for j in range(16):
+                s = F0
+                for l in range(16):
+                    s += xq[t, o + 16 * j + l]
+                xb[t, b * 16 + j] = s
+            xd[t, b] = np.float32(np.float32(1.0) / iscale)
+
+
+def round_f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 → float32, round to nearest even (ggml's GGML_FP32_TO_BF16; NaN kept quiet)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    r = np.where(nan, (u >> 16 | 64) << 16, r)
+    return r.astype(np.uint32).view(np.float32).reshape(x.shape)
+
+
+class Act:
+    """Activations converted to a weight type's vec_dot_type (all arrays float32)."""
+    __slots__ = ("kind", "x", "q", "d", "s", "_deq")
+
+    def __init__(self, kind: str, x: np.ndarray):
+        self.kind = kind
+        self._deq = None
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        T, K = x.shape
+        self.q = self.d = self.s = None
+        if kind == "f32":
+            self.x = x
+        elif kind == "f16":
+            self.x = round_f16(x)
+        elif kind == "bf16":
+            self.x = round_bf16(x)
+        elif kind in ("q8_0", "q8_1"):
+            self.x = x
+            self.q = np.empty((T, K), np.float32)
+            self.d = np.empty((T, K // 32), np.float32)
+            self.s = np.empty((T, K // 32), np.float32)
+            quantize_act_q8_0(x, self.q, self.d, self.s)
+        elif kind == "q8_k":
+            self.x = x
+            self.q = np.empty((T, K), np.float32)
+            self.d = np.empty((T, K // QK_K), np.float32)
+            self.s = np.empty((T, K // 16), np.float32)
+            quantize_act_q8_k(x, self.q, self.d, self.s)
+        else:
+            raise ValueError(kind)
+
+    def dequantized(self) -> np.ndarray:
+        """The activations as the integer dot sees them, as float32 (for the BLAS path)."""
+        if self._deq is None:
+            if self.q is None:
+                self._deq = self.x
+            else:
+                T, K = self.q.shape
+                bs = 32 if self.kind != "q8_k" else QK_K
+                self._deq = (self.q.reshape(T, K // bs, bs) * self.d[:, :, None]).reshape(T, K)
+        return self._deq
+
+
+VEC_DOT_TYPE = {
+    GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.BF16: "bf16",
+    GGMLType.Q8_0: "q8_0", GGMLType.Q4_0: "q8_0", GGMLType.Q5_0: "q8_0",
+    GGMLType.Q4_1: "q8_1", GGMLType.Q5_1: "q8_1",
+    GGMLType.Q2_K: "q8_k", GGMLType.Q3_K: "q8_k", GGMLType.Q4_K: "q8_k", GGMLType.Q5_K: "q8_k",
+    GGMLType.Q6_K: "q8_k",
+}
+SUPPORTED = frozenset(VEC_DOT_TYPE)
+
+
+# ---- fused dequantize-dot kernels: out (T, N) = x (T, K) @ W.T, parallel over rows of W -------------------------
+# Block loops run to a trip count computed at run time (qk = K // nb), which LLVM vectorizes; a literal 32 would be
+# unrolled into scalar code (numba leaves the SLP vectorizer off).
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_f16(w, x, out):
+    N, K = w.shape
+    T = x.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for i in range(K):
+                acc += h2f(w[r, i]) * x[t, i]
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_bf16(w, x, out):
+    N, K = w.shape
+    T = x.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for i in range(K):
+                acc += bf2f(w[r, i]) * x[t, i]
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q8_0(w, wi, xq, xd, out):
+    """w uint8 rows, wi the same bytes as int8."""
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // 32
+    qk = K // nb if nb else 32
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                o = b * 34 + 2
+                s = F0
+                for j in range(qk):
+                    s += np.float32(wi[r, o + j]) * xq[t, b * 32 + j]
+                acc += np.float32(load_fp16(w[r], o - 2) * xd[t, b]) * s
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q4_0(w, xq, xd, out):
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // 32
+    hk = (K // nb) // 2 if nb else 16
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                o = b * 18 + 2
+                s = F0
+                for j in range(hk):
+                    v = w[r, o + j]
+                    s += np.float32(np.int32(v & 15) - 8) * xq[t, b * 32 + j] \
+                        + np.float32(np.int32(v >> 4) - 8) * xq[t, b * 32 + 16 + j]
+                acc += np.float32(load_fp16(w[r], o - 2) * xd[t, b]) * s
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q4_1(w, xq, xd, xs, out):
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // 32
+    hk = (K // nb) // 2 if nb else 16
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                o = b * 20 + 4
+                s = F0
+                for j in range(hk):
+                    v = w[r, o + j]
+                    s += np.float32(v & 15) * xq[t, b * 32 + j] + np.float32(v >> 4) * xq[t, b * 32 + 16 + j]
+                acc += np.float32(load_fp16(w[r], o - 4) * xd[t, b]) * s + load_fp16(w[r], o - 2) * xs[t, b]
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q5_0(w, xq, xd, out):
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // 32
+    hk = (K // nb) // 2 if nb else 16
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                o = b * 22
+                qh = np.uint32(w[r, o + 2]) | (np.uint32(w[r, o + 3]) << np.uint32(8)) \
+                    | (np.uint32(w[r, o + 4]) << np.uint32(16)) | (np.uint32(w[r, o + 5]) << np.uint32(24))
+                s = F0
+                for j in range(hk):
+                    v = np.uint32(w[r, o + 6 + j])
+                    lo = (v & np.uint32(15)) | (((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
+                    hi = (v >> np.uint32(4)) | (((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
+                    s += (np.float32(lo) - np.float32(16.0)) * xq[t, b * 32 + j] \
+                        + (np.float32(hi) - np.float32(16.0)) * xq[t, b * 32 + 16 + j]
+                acc += np.float32(load_fp16(w[r], o) * xd[t, b]) * s
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q5_1(w, xq, xd, xs, out):
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // 32
+    hk = (K // nb) // 2 if nb else 16
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                o = b * 24
+                qh = np.uint32(w[r, o + 4]) | (np.uint32(w[r, o + 5]) << np.uint32(8)) \
+                    | (np.uint32(w[r, o + 6]) << np.uint32(16)) | (np.uint32(w[r, o + 7]) << np.uint32(24))
+                s = F0
+                for j in range(hk):
+                    v = np.uint32(w[r, o + 8 + j])
+                    lo = (v & np.uint32(15)) | (((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
+                    hi = (v >> np.uint32(4)) | (((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
+                    s += np.float32(lo) * xq[t, b * 32 + j] + np.float32(hi) * xq[t, b * 32 + 16 + j]
+                acc += np.float32(load_fp16(w[r], o) * xd[t, b]) * s + load_fp16(w[r], o + 2) * xs[t, b]
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q2_k(w, xq, xd, xb, out):
+    """block_q2_K (84 bytes): scales[16] (low nibble scale, high nibble min), qs[64], d, dmin."""
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // QK_K
+    n16 = K // (nb * 16) if nb else 16
+    for r in prange(N):
+        wr = w[r]
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                p = b * 84
+                xo = b * QK_K
+                isum = F0  # sum over sub-blocks of sc * (q . x), exact integers
+                msum = F0
+                for h in range(2):
+                    for k in range(4):
+                        for half in range(2):
+                            sidx = 8 * h + 2 * k + half
+                            sc = wr[p + sidx]
+                            qb = p + 16 + 32 * h + 16 * half
+                            xb0 = xo + 128 * h + 32 * k + 16 * half
+                            s = F0
+                            for l in range(n16):
+                                s += np.float32((wr[qb + l] >> (2 * k)) & 3) * xq[t, xb0 + l]
+                            isum += np.float32(sc & 15) * s
+                            msum += np.float32(sc >> 4) * xb[t, b * 16 + (xb0 - xo) // 16]
+                acc += xd[t, b] * (load_fp16(wr, p + 80) * isum - load_fp16(wr, p + 82) * msum)
+            out[t, r] = acc
+
+
+@njit(cache=True, inline="always")
+def _q3_scale(wr, p: int, j: int) -> np.float32:
+    """6-bit scale j (0..15) of a block_q3_K at p, minus 32 (scales[12] at p+96)."""
+    s = p + 96
+    if j < 4:
+        v = (wr[s + j] & 15) | (((wr[s + 8 + j]) & 3) << 4)
+    elif j < 8:
+        v = (wr[s + j] & 15) | (((wr[s + 4 + j] >> 2) & 3) << 4)
+    elif j < 12:
+        v = (wr[s + j - 8] >> 4) | (((wr[s + j] >> 4) & 3) << 4)
+    else:
+        v = (wr[s + j - 8] >> 4) | (((wr[s + j - 4] >> 6) & 3) << 4)
+    return np.float32(np.int32(v) - 32)
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q3_k(w, xq, xd, xb, out):
+    """block_q3_K (110 bytes): hmask[32], qs[64], scales[12], d. q = 2 low bits - (hmask bit ? 0 : 4)."""
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // QK_K
+    n16 = K // (nb * 16) if nb else 16
+    for r in prange(N):
+        wr = w[r]
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                p = b * 110
+                xo = b * QK_K
+                isum = F0
+                for n in range(2):
+                    for j in range(4):
+                        m = np.uint8(1 << (4 * n + j))
+                        for half in range(2):
+                            sc = _q3_scale(wr, p, 8 * n + 2 * j + half)
+                            qb = p + 32 + 32 * n + 16 * half
+                            hb = p + 16 * half
+                            xb0 = xo + 128 * n + 32 * j + 16 * half
+                            s = F0
+                            for l in range(n16):
+                                q = np.float32((wr[qb + l] >> (2 * j)) & 3)
+                                if (wr[hb + l] & m) == 0:
+                                    q -= np.float32(4.0)
+                                s += q * xq[t, xb0 + l]
+                            isum += sc * s
+                acc += np.float32(xd[t, b] * load_fp16(wr, p + 108)) * isum
+            out[t, r] = acc
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(wr, p: int, j: int):
+    if j < 4:
+        return np.float32(wr[p + j] & 63), np.float32(wr[p + j + 4] & 63)
+    sc = (wr[p + j + 4] & 15) | ((wr[p + j - 4] >> 6) << 4)
+    m = (wr[p + j + 4] >> 4) | ((wr[p + j] >> 6) << 4)
+    return np.float32(sc), np.float32(m)
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q4_k(w, xq, xd, xb, out):
+    """block_q4_K (144 bytes): d, dmin, scales[12], qs[128]."""
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // QK_K
+    n32 = K // (nb * 8) if nb else 32
+    for r in prange(N):
+        wr = w[r]
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                p = b * 144
+                xo = b * QK_K
+                isum = F0
+                msum = F0
+                for k in range(4):
+                    sc1, m1 = _scale_min_k4(wr, p + 4, 2 * k)
+                    sc2, m2 = _scale_min_k4(wr, p + 4, 2 * k + 1)
+                    qb = p + 16 + 32 * k
+                    x1 = xo + 64 * k
+                    s1 = F0
+                    s2 = F0
+                    for l in range(n32):
+                        v = wr[qb + l]
+                        s1 += np.float32(v & 15) * xq[t, x1 + l]
+                        s2 += np.float32(v >> 4) * xq[t, x1 + 32 + l]
+                    isum += sc1 * s1 + sc2 * s2
+                    bo = b * 16 + 4 * k
+                    msum += m1 * (xb[t, bo] + xb[t, bo + 1]) + m2 * (xb[t, bo + 2] + xb[t, bo + 3])
+                acc += xd[t, b] * (load_fp16(wr, p) * isum - load_fp16(wr, p + 2) * msum)
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q5_k(w, xq, xd, xb, out):
+    """block_q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]."""
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // QK_K
+    n32 = K // (nb * 8) if nb else 32
+    for r in prange(N):
+        wr = w[r]
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                p = b * 176
+                xo = b * QK_K
+                isum = F0
+                msum = F0
+                for k in range(4):
+                    sc1, m1 = _scale_min_k4(wr, p + 4, 2 * k)
+                    sc2, m2 = _scale_min_k4(wr, p + 4, 2 * k + 1)
+                    qb = p + 48 + 32 * k
+                    x1 = xo + 64 * k
+                    s1 = F0
+                    s2 = F0
+                    for l in range(n32):
+                        v = wr[qb + l]
+                        h = wr[p + 16 + l]
+                        s1 += np.float32((v & 15) | (((h >> (2 * k)) & 1) << 4)) * xq[t, x1 + l]
+                        s2 += np.float32((v >> 4) | (((h >> (2 * k + 1)) & 1) << 4)) * xq[t, x1 + 32 + l]
+                    isum += sc1 * s1 + sc2 * s2
+                    bo = b * 16 + 4 * k
+                    msum += m1 * (xb[t, bo] + xb[t, bo + 1]) + m2 * (xb[t, bo + 2] + xb[t, bo + 3])
+                acc += xd[t, b] * (load_fp16(wr, p) * isum - load_fp16(wr, p + 2) * msum)
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def mv_q6_k(w, xq, xd, out):
+    """block_q6_K (210 bytes): ql[128], qh[64], scales[16] (int8), d. q = 6 bits - 32."""
+    N = w.shape[0]
+    T, K = xq.shape
+    nb = K // QK_K
+    n16 = K // (nb * 16) if nb else 16
+    for r in prange(N):
+        wr = w[r]
+        for t in range(T):
+            acc = F0
+            for b in range(nb):
+                p = b * 210
+                xo = b * QK_K
+                isum = F0
+                for n in range(2):
+                    ql = p + 64 * n
+                    qh = p + 128 + 32 * n
+                    sp = p + 192 + 8 * n
+                    for half in range(2):
+                        s1 = F0
+                        s2 = F0
+                        s3 = F0
+                        s4 = F0
+                        xb0 = xo + 128 * n + 16 * half
+                        for i in range(n16):
+                            l = 16 * half + i
+                            a = wr[ql + l]
+                            c = wr[ql + 32 + l]
+                            h = wr[qh + l]
+                            s1 += np.float32(np.int32((a & 15) | ((h & 3) << 4)) - 32) * xq[t, xb0 + i]
+                            s2 += np.float32(np.int32((c & 15) | (((h >> 2) & 3) << 4)) - 32) * xq[t, xb0 + 32 + i]
+                            s3 += np.float32(np.int32((a >> 4) | (((h >> 4) & 3) << 4)) - 32) * xq[t, xb0 + 64 + i]
+                            s4 += np.float32(np.int32((c >> 4) | (((h >> 6) & 3) << 4)) - 32) * xq[t, xb0 + 96 + i]
+                        isum += np.float32(np.int8(wr[sp + half])) * s1 + np.float32(np.int8(wr[sp + half + 2])) * s2 \
+                            + np.float32(np.int8(wr[sp + half + 4])) * s3 + np.float32(np.int8(wr[sp + half + 6])) * s4
+                acc += np.float32(xd[t, b] * load_fp16(wr, p + 208)) * isum
+            out[t, r] = acc
+
+
+# ---- row dequantization (for the blocked path and embeddings) ---------------------------------------------------
+@njit(parallel=True, cache=True)
+def deq_q3_k(q, out):
+    """dequantize_row_q3_K over rows."""
+    n_rows, n_cols = out.shape
+    for r in prange(n_rows):
+        wr = q[r]
+        for b in range(n_cols // QK_K):
+            p = b * 110
+            d = load_fp16(wr, p + 108)
+            for n in range(2):
+                for j in range(4):
+                    m = np.uint8(1 << (4 * n + j))
+                    for half in range(2):
+                        dl = np.float32(d * _q3_scale(wr, p, 8 * n + 2 * j + half))
+                        qb = p + 32 + 32 * n + 16 * half
+                        hb = p + 16 * half
+                        ob = b * QK_K + 128 * n + 32 * j + 16 * half
+                        for l in range(16):
+                            v = np.int32((wr[qb + l] >> (2 * j)) & 3)
+                            if (wr[hb + l] & m) == 0:
+                                v -= 4
+                            out[r, ob + l] = dl * np.float32(v)
+
+
+@njit(parallel=True, cache=True)
+def deq_q6_k(q, out):
+    """dequantize_row_q6_K over rows."""
+    n_rows, n_cols = out.shape
+    for r in prange(n_rows):
+        wr = q[r]
+        for b in range(n_cols // QK_K):
+            p = b * 210
+            d = load_fp16(wr, p + 208)
+            for n in range(2):
+                ql = p + 64 * n
+                qh = p + 128 + 32 * n
+                sp = p + 192 + 8 * n
+                ob = b * QK_K + 128 * n
+                for l in range(32):
+                    i = l // 16
+                    a = wr[ql + l]
+                    c = wr[ql + 32 + l]
+                    h = wr[qh + l]
+                    out[r, ob + l] = np.float32(d * np.float32(np.int8(wr[sp + i]))) * \
+                        np.float32(np.int32((a & 15) | ((h & 3) << 4)) - 32)
+                    out[r, ob + 32 + l] = np.float32(d * np.float32(np.int8(wr[sp + i + 2]))) * \
+                        np.float32(np.int32((c & 15) | (((h >> 2) & 3) << 4)) - 32)
+                    out[r, ob + 64 + l] = np.float32(d * np.float32(np.int8(wr[sp + i + 4]))) * \
+                        np.float32(np.int32((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
+                    out[r, ob + 96 + l] = np.float32(d * np.float32(np.int8(wr[sp + i + 6]))) * \
+                        np.float32(np.int32((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
+
+
+@njit(parallel=True, cache=True)
+def deq_f16(q, out):
+    for r in prange(out.shape[0]):
+        for i in range(out.shape[1]):
+            out[r, i] = h2f(q[r, i])
+
+
+@njit(parallel=True, cache=True)
+def deq_bf16(q, out):
+    for r in prange(out.shape[0]):
+        for i in range(out.shape[1]):
+            out[r, i] = bf2f(q[r, i])
+
+
+_LOCAL_DEQ = {GGMLType.Q3_K: deq_q3_k, GGMLType.Q6_K: deq_q6_k}
+
+
+def dequantize_rows(ggml_type: GGMLType, data: np.ndarray, n_cols: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored rows (uint8 packed, or uint16 bits for F16/BF16, or float32) → float32 (rows, n_cols)."""
+    rows = data.shape[0]
+    if out is None:
+        out = np.empty((rows, n_cols), np.float32)
+    if ggml_type == GGMLType.F32:
+        out[...] = data
+    elif ggml_type == GGMLType.F16:
+        deq_f16(data, out)
+    elif ggml_type == GGMLType.BF16:
+        deq_bf16(data, out)
+    elif ggml_type in _LOCAL_DEQ:
+        _LOCAL_DEQ[ggml_type](data, out)
+    else:
+        from qtool import kernels
+        kernels._module(ggml_type).dequantize(data, out)
+    return out
+
+
+# ---- the weight and the dispatcher -------------------------------------------------------------------------------
+class Weight:
+    """A 2-D weight as stored: `data` is float32 (N, K) for F32, uint16 bits (N, K) for F16/BF16, or uint8
+    packed rows (N, row bytes) for quantized types; all zero-copy views of the memory map."""
+    __slots__ = ("name", "ggml_type", "data", "n_out", "n_in", "_i8")
+
+    def __init__(self, name: str, ggml_type: GGMLType, data: np.ndarray, n_out: int, n_in: int):
+        self.name, self.ggml_type, self.data, self.n_out, self.n_in = name, ggml_type, data, n_out, n_in
+        self._i8 = data.view(np.int8) if ggml_type == GGMLType.Q8_0 else None
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def rows(self, ids) -> np.ndarray:
+        """Rows `ids` dequantized to float32 (token embedding lookup)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return dequantize_rows(self.ggml_type, np.ascontiguousarray(self.data[ids]), self.n_in)
+
+
+def matvec(w: Weight, act: Act) -> np.ndarray:
+    """Fused kernels: out (T, N)."""
+    T = act.x.shape[0]
+    out = np.empty((T, w.n_out), np.float32)
+    t = w.ggml_type
+    if t == GGMLType.F32:
+        np.matmul(act.x, w.data.T, out=out)
+    elif t == GGMLType.F16:
+        mv_f16(w.data, act.x, out)
+    elif t == GGMLType.BF16:
+        mv_bf16(w.data, act.x, out)
+    elif t == GGMLType.Q8_0:
+        mv_q8_0(w.data, w._i8, act.q, act.d, out)
+    elif t == GGMLType.Q4_0:
+        mv_q4_0(w.data, act.q, act.d, out)
+    elif t == GGMLType.Q4_1:
+        mv_q4_1(w.data, act.q, act.d, act.s, out)
+    elif t == GGMLType.Q5_0:
+        mv_q5_0(w.data, act.q, act.d, out)
+    elif t == GGMLType.Q5_1:
+        mv_q5_1(w.data, act.q, act.d, act.s, out)
+    elif t == GGMLType.Q2_K:
+        mv_q2_k(w.data, act.q, act.d, act.s, out)
+    elif t == GGMLType.Q3_K:
+        mv_q3_k(w.data, act.q, act.d, act.s, out)
+    elif t == GGMLType.Q4_K:
+        mv_q4_k(w.data, act.q, act.d, act.s, out)
+    elif t == GGMLType.Q5_K:
+        mv_q5_k(w.data, act.q, act.d, act.s, out)
+    elif t == GGMLType.Q6_K:
+        mv_q6_k(w.data, act.q, act.d, out)
+    else:
+        raise ValueError(f"no matmul kernel for {t.name}")
+    return out
+
+
+def matmul_blocked(w: Weight, act: Act) -> np.ndarray:
+    """Tiles of W dequantized to float32, multiplied with BLAS: out (T, N)."""
+    x = act.dequantized()
+    T = x.shape[0]
+    out = np.empty((T, w.n_out), np.float32)
+    if w.ggml_type == GGMLType.F32:
+        np.matmul(x, w.data.T, out=out)
+        return out
+    tile = max(16, TILE_BYTES // (4 * w.n_in))
+    buf = np.empty((min(tile, w.n_out), w.n_in), np.float32)
+    for r0 in range(0, w.n_out, tile):
+        r1 = min(w.n_out, r0 + tile)
+        b = buf[:r1 - r0]
+        dequantize_rows(w.ggml_type, w.data[r0:r1], w.n_in, b)
+        np.matmul(x, b.T, out=out[:, r0:r1])
+    return out
+
+
+def linear(w: Weight, x: np.ndarray, act: Act | None = None) -> np.ndarray:
+    """y = x @ W.T for x float32 (T, K), llama.cpp's way (activations in the weight type's vec_dot_type).
+
+    `act` may carry x already converted (several weights of one type share one input)."""
+    if act is None or act.kind != VEC_DOT_TYPE[w.ggml_type]:
+        act = Act(VEC_DOT_TYPE[w.ggml_type], x)
+    if act.x.shape[0] >= BLAS_MIN_TOKENS:
+        return matmul_blocked(w, act)
+    return matvec(w, act)
+
+
+def check_type(ggml_type: GGMLType, n_in: int) -> str | None:
+    """Why a weight of this type and row length cannot be multiplied, or None."""
+    if ggml_type not in SUPPORTED:
+        return f"type {ggml_type.name} is not supported by the runner"
+    bs = TYPE_INFO[ggml_type].block_size
+    need = {"q8_0": 32, "q8_1": 32, "q8_k": QK_K}.get(VEC_DOT_TYPE[ggml_type], 1)
+    if n_in % max(bs, need):
+        return f"rows of {n_in} are not a multiple of {max(bs, need)}"
+    return None
