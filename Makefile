@@ -21,6 +21,8 @@ demo: install
 	$(QTOOL) convert $(SAMPLE) -o $(OUT)/stories260K.Q8_0.gguf --type Q8_0
 	$(QTOOL) inspect $(OUT)/stories260K.Q8_0.gguf
 	$(QTOOL) inspect $(SAMPLE)
+	$(QTOOL) run $(OUT)/stories260K.Q8_0.gguf -p "Once upon a time" --temp 0 -n 80
+	$(QTOOL) perplexity $(OUT)/stories260K.Q8_0.gguf --text examples/tinystories_style_eval.txt --ctx 256
 
 bench: install-dev
 	$(PYTHON) scripts/bench_convert.py

@@ -162,3 +162,9 @@ def main() -> None:
         _err(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
         code = 1
     sys.exit(code if isinstance(code, int) else 0)
+
+
+from qtool.commands_run import perplexity, run  # noqa: E402  (light module: heavy imports are inside)
+
+app.command()(run)
+app.command()(perplexity)

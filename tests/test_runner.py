@@ -28,3 +28,39 @@ def test_f32_perplexity_equals_llama_cpp(model, converted, eval_text):
         m.close()
     assert r.n_chunks == 53
     assert r.perplexity == pytest.approx(anchor(model), rel=2e-4)
+
+
+def test_run_greedy_generates_the_documented_story(stories260k, converted):
+    import json
+
+    from conftest import qtool
+    from test_llama_cpp_loads import documented_story
+    story = documented_story(stories260k / "README.md")
+    proc = qtool("run", converted("stories260K", "F32"), "-p", "Once upon a time", "--temp", "0", "-n", "200",
+                 "--json", check=True)
+    out = json.loads(proc.stdout)
+    text = out["prompt"] + out["completion"]
+    n = min(len(text), len(story))
+    assert n > 400 and text[:n] == story[:n]
+    assert out["decode_tokens_per_s"] > 0 and out["peak_rss_bytes"] > 0
+
+
+def test_perplexity_command_json(converted, eval_text, tmp_path):
+    import json
+
+    from conftest import qtool
+    text = tmp_path / "eval.txt"
+    text.write_text(eval_text)
+    proc = qtool("perplexity", converted("stories260K", "F32"), "--text", text, "--ctx", "256", "--json", check=True)
+    d = json.loads(proc.stdout)
+    assert d["perplexity"] == pytest.approx(anchor("stories260K"), rel=2e-4)
+    for key in ("perplexity_error", "kl_mean", "kl_p99", "top1_agreement", "tokens_per_s", "peak_rss_bytes"):
+        assert key in d
+
+
+def test_run_on_a_non_gguf_is_a_clear_error(tmp_path):
+    from conftest import qtool
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"nope")
+    proc = qtool("run", bad, "-p", "hi")
+    assert proc.returncode == 1 and "x.gguf" in proc.stderr and "Traceback" not in proc.stderr
