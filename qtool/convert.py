@@ -240,10 +240,10 @@ def _dequantize(g, t) -> np.ndarray:
 
 def encode(x: np.ndarray, ggml_type: GGMLType, name: str) -> np.ndarray:
     """float32 values → the bytes of ggml_type."""
-    if ggml_type == GGMLType.F32:
-        return x
     if not np.isfinite(x).all():
         raise QtoolError(f"tensor {name} contains NaN or Inf values; refusing to write a broken file")
+    if ggml_type == GGMLType.F32:
+        return x
     if ggml_type == GGMLType.F16:
         return x.astype(np.float16)
     if ggml_type == GGMLType.BF16:

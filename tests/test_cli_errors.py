@@ -141,3 +141,20 @@ def test_refuses_to_overwrite_its_input(tmp_path, converted):
     proc = qtool("convert", src, "-o", src, "--type", "Q8_0")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("type_name", ["F32", "Q4_K_M"])
+def test_nan_in_a_weight_is_an_error_naming_the_tensor(tmp_path, type_name):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "scripts"))
+    from make_checkpoint import make_checkpoint
+    src = make_checkpoint(tmp_path / "m", hidden=256, layers=1, heads=4, kv_heads=4, intermediate=512, vocab=512,
+                          dtype="f32")
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][3, 5] = np.nan
+    save_file(weights, src / "model.safetensors")
+    out = tmp_path / "o.gguf"
+    proc = qtool("convert", src, "-o", out, "--type", type_name)
+    assert_clean_error(proc, 1, "blk.0.ffn_up.weight", "NaN")
+    assert not out.exists() and not list(tmp_path.glob(".o.gguf*"))
