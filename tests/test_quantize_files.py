@@ -78,3 +78,11 @@ def test_options_reach_the_recipe(converted, tmp_path):
         assert g.tensors["blk.0.attn_q.weight"].ggml_type.name == "Q5_K"
         assert g.tensors["blk.1.attn_v.weight"].ggml_type.name == "Q4_K"  # --pure: no Q6_K bump
         assert g.tensors["blk.1.attn_norm.weight"].ggml_type.name == "F32"
+
+
+@pytest.mark.parametrize("type_name", QUANT_TYPES)
+def test_every_recipe_file_loads_and_generates_in_llama_cpp(type_name, converted):
+    llama_cpp = need_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(converted("stories3M", type_name)), n_ctx=128, n_threads=2, verbose=False)
+    out = llm("Once upon a time", max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
+    assert out.startswith(", there was a little")  # the teacher's opening, which every quantization keeps
