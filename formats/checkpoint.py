@@ -51,8 +51,8 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 class Checkpoint:
-    """A checkpoint folder. `names` lists every tensor; `load(name)` returns it as float32 (a new array) and
-    releases the file pages it touched."""
+    """A checkpoint folder. `names` lists every tensor; `stored(name)` gives its stored values, `release(name)`
+    drops the file pages they touched."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -121,19 +121,20 @@ class Checkpoint:
         t = self._files[self._where[name]].tensors[name]
         return t.end - t.begin
 
-    def load(self, name: str) -> np.ndarray:
+    def stored(self, name: str) -> tuple[np.ndarray, str]:
+        """The tensor as stored, zero-copy (BF16 as uint16 bits), and its dtype "F32", "F16" or "BF16"
+        (F64, rare, is narrowed to F32 here)."""
         f = self._files[self._where[name]]
-        raw = f.view(name)
         dtype = f.tensors[name].dtype
-        if dtype == "BF16":
-            out = bf16_to_f32(raw)
-        elif dtype in ("F32", "F16", "F64"):
-            out = raw.astype(np.float32)
-        else:
+        if dtype == "F64":
+            return f.view(name).astype(np.float32), "F32"
+        if dtype not in ("F32", "F16", "BF16"):
             raise QtoolError(f"{f.path}: tensor {name} has dtype {dtype}; qtool converts F32, F16 and BF16 weights")
-        del raw
-        f.release(name)
-        return out
+        return f.view(name), dtype
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor that has been encoded from this process's resident set."""
+        self._files[self._where[name]].release(name)
 
     def close(self) -> None:
         for f in self._files.values():

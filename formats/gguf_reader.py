@@ -221,6 +221,13 @@ class GGUFFile:
         return np.frombuffer(self._map, dtype=dtypes[t.ggml_type], count=t.n_elements,
                              offset=t.offset).reshape(t.shape)
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process's resident set once it has been used."""
+        t = self.tensors[name]
+        start = t.offset - t.offset % mmap.PAGESIZE
+        if hasattr(self._map, "madvise") and t.nbytes:
+            self._map.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+
     def close(self) -> None:
         # numpy views keep the buffer exported; the map is freed when the last view goes away
         if getattr(self, "_buf", None) is not None:

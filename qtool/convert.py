@@ -15,7 +15,7 @@ import numpy as np
 
 from qtool import archs, recipes
 from qtool.errors import QtoolError
-from qtool.formats.checkpoint import PICKLE_SUFFIXES, Checkpoint, bf16_to_f32, resolve_source
+from qtool.formats.checkpoint import PICKLE_SUFFIXES, Checkpoint, resolve_source
 from qtool.formats.constants import FILE_TYPES, FLOAT_TYPES, GGML_QUANTIZATION_VERSION, GGMLType, ValueType
 from qtool.formats.gguf_writer import GGUFWriter
 from qtool.formats.hf_tokenizer import tokenizer_metadata
@@ -23,11 +23,21 @@ from qtool.recipes import RecipeOptions
 
 
 @dataclass
+class Stored:
+    """A tensor's values as stored in the source, not yet converted: the encoder widens them slab by slab in
+    parallel kernels, so no float32 copy of a whole tensor is ever made."""
+    values: np.ndarray  # float32, float16, or uint16 holding BF16 bits
+    dtype: str  # "F32", "F16" or "BF16"
+    rows: np.ndarray | None = None  # output row r is stored row rows[r] (the Q/K permutation)
+    release: Callable[[], None] = lambda: None  # drop the source pages once encoded
+
+
+@dataclass
 class TensorJob:
     name: str  # GGUF name
     shape: tuple[int, ...]  # numpy order
     ggml_type: GGMLType
-    load: Callable[[], np.ndarray]  # float32 values, already permuted for llama.cpp
+    load: Callable[[], Stored]
     note: str = ""  # e.g. why a fallback type was chosen
     source_type: GGMLType | None = None  # the stored type, when the source is a GGUF file
 
@@ -164,7 +174,7 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
     head_dim = config.get("head_dim") or int(_hparam(config, "hidden_size")) // n_head
     if (_rope_scaling(config).get("rope_type") or "").lower() == "llama3":
         factors = _llama3_rope_factors(config, head_dim)
-        jobs.append(TensorJob("rope_freqs.weight", factors.shape, GGMLType.F32, lambda f=factors: f))
+        jobs.append(TensorJob("rope_freqs.weight", factors.shape, GGMLType.F32, lambda f=factors: Stored(f, "F32")))
 
     for hf_name in ckpt.names:
         name = archs.gguf_tensor_name(hf_name)
@@ -174,8 +184,9 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
         permute = arch.permute_qk and heads > 0 and name.endswith(".weight")
 
         def load(hf_name=hf_name, heads=heads, permute=permute):
-            x = ckpt.load(hf_name)
-            return np.ascontiguousarray(archs.permute_qk(x, heads)) if permute else x
+            values, dtype = ckpt.stored(hf_name)
+            rows = archs.permute_qk(np.arange(values.shape[0]), heads) if permute else None
+            return Stored(values, dtype, rows, lambda: ckpt.release(hf_name))
 
         jobs.append(TensorJob(name, ckpt.shape(hf_name), GGMLType.F32, load))
     if not jobs:
@@ -227,30 +238,26 @@ def _plan_gguf(path: Path, key: str, opts: RecipeOptions, allow_requantize: bool
         raise
 
 
-def _dequantize(g, t) -> np.ndarray:
-    if t.ggml_type == GGMLType.F32:
-        return np.array(g.array(t.name))
-    if t.ggml_type == GGMLType.F16:
-        return g.array(t.name).astype(np.float32)
-    if t.ggml_type == GGMLType.BF16:
-        return bf16_to_f32(g.array(t.name))
+def _dequantize(g, t) -> Stored:
+    release = lambda: g.release(t.name)  # noqa: E731
+    if t.ggml_type in FLOAT_TYPES:
+        return Stored(g.array(t.name), t.ggml_type.name, release=release)
     from qtool import kernels
-    return kernels.dequantize(t.ggml_type, g.raw(t.name), t.shape[-1]).reshape(t.shape)
+    return Stored(kernels.dequantize(t.ggml_type, g.raw(t.name), t.shape[-1]).reshape(t.shape), "F32",
+                  release=release)
 
 
-def encode(x: np.ndarray, ggml_type: GGMLType, name: str) -> np.ndarray:
-    """float32 values → the bytes of ggml_type."""
-    if not np.isfinite(x).all():
+def encode(s: Stored, ggml_type: GGMLType, name: str) -> np.ndarray:
+    """Stored values → the bytes of ggml_type, checking every value is finite on the way."""
+    from functools import partial
+
+    from qtool import kernels
+    from qtool.kernels import convert as cast
+    quantize = None if ggml_type in FLOAT_TYPES else partial(kernels.quantize, ggml_type)
+    data, finite = cast.encode_stored(s.values, s.dtype, ggml_type.name, s.rows, quantize)
+    if not finite:
         raise QtoolError(f"tensor {name} contains NaN or Inf values; refusing to write a broken file")
-    if ggml_type == GGMLType.F32:
-        return x
-    if ggml_type == GGMLType.F16:
-        return x.astype(np.float16)
-    if ggml_type == GGMLType.BF16:
-        bits = x.view(np.uint32)
-        return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
-    from qtool import kernels
-    return kernels.quantize(ggml_type, x.reshape(-1, x.shape[-1]))
+    return data
 
 
 def write(plan_: Plan, out: Path, on_tensor: Callable[[TensorJob, int], None] = lambda job, n: None) -> int:
@@ -265,9 +272,14 @@ def write(plan_: Plan, out: Path, on_tensor: Callable[[TensorJob, int], None] = 
         for job in plan_.jobs:
             if job.source_type == job.ggml_type:  # unchanged: copy the stored bytes
                 data = plan_.source.raw(job.name)
+                writer.write_tensor(job.name, data)
+                plan_.source.release(job.name)
             else:
-                data = encode(job.load(), job.ggml_type, job.name)
-            writer.write_tensor(job.name, data)
+                stored = job.load()
+                data = encode(stored, job.ggml_type, job.name)
+                writer.write_tensor(job.name, data)
+                stored.release()
+                del stored
             on_tensor(job, data.nbytes)
             del data
     return out.stat().st_size
