@@ -47,11 +47,16 @@ def row_bytes(ggml_type: GGMLType, n_cols: int) -> int:
     return n_cols // info.block_size * info.type_size
 
 
-def quantize(ggml_type: GGMLType, x: np.ndarray) -> np.ndarray:
-    """float32 (rows, cols) → uint8 (rows, row_bytes) in llama.cpp's layout for ggml_type."""
+def quantize(ggml_type: GGMLType, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (rows, cols) → uint8 (rows, row_bytes) in llama.cpp's layout for ggml_type (into `out` if given,
+    a C-contiguous uint8 array of that shape)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows = x.reshape(-1, x.shape[-1])
-    out = np.empty((rows.shape[0], row_bytes(ggml_type, rows.shape[1])), dtype=np.uint8)
+    shape = (rows.shape[0], row_bytes(ggml_type, rows.shape[1]))
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 of shape {shape}")
     _module(ggml_type).quantize(rows, out)
     return out
 

@@ -189,35 +189,36 @@ def convert(src: np.ndarray, src_dtype: str, target: str, rows: np.ndarray | Non
 
 
 def encode_stored(raw: np.ndarray, src_dtype: str, target: str, rows: np.ndarray | None = None,
-                  quantize=None, out: np.ndarray | None = None,
+                  quantize=None, out: np.ndarray | None = None, slab: np.ndarray | None = None,
                   slab_bytes: int = 16 << 20) -> tuple[np.ndarray, bool]:
-    """A stored tensor (raw BF16/F16/F32 values, e.g. a safetensors memory map) → the data of `target`.
+    """A stored tensor (raw BF16/F16/F32 values, e.g. a memory map) → the data of `target`.
 
-    F32 / F16 / BF16 targets are one pass of convert() (into `out` if given, e.g. a buffer reused across
-    tensors). For a quantized target, `quantize(x)` maps float32 rows to packed uint8 rows (e.g.
-    `lambda x: qtool.kernels.quantize(GGMLType.Q8_0, x)`); it is fed slabs of about slab_bytes of float32
-    rows, so no float32 copy of the whole tensor ever exists. `rows` as in convert(): output row r is source
-    row rows[r] (the Q/K permutation). Returns (data, finite); finite is False if a source value is NaN/Inf.
+    F32 / F16 / BF16 targets are one pass of convert(). For a quantized target, `quantize(x, out)` packs float32
+    rows x into the uint8 rows `out` (e.g. `partial(qtool.kernels.quantize, GGMLType.Q8_0)`); it is fed slabs of
+    about slab_bytes of float32 rows, so no float32 copy of the whole tensor ever exists. `rows` as in convert():
+    output row r is source row rows[r] (the Q/K permutation). `out` (the result: float array of the tensor's
+    shape, or uint8 rows for a quantized target) and `slab` (float32 scratch of at least slab_bytes) may be
+    buffers the caller reuses across tensors, so that memory is not page-faulted in afresh for each one.
+    Returns (data, finite); finite is False if a source value is NaN/Inf.
     """
     target = target.upper()
     if target in TARGET_DTYPES:
         return convert(raw, src_dtype, target, rows, out)
-    if quantize is None:
-        raise ValueError(f"{target} needs a quantize function")
+    if quantize is None or out is None:
+        raise ValueError(f"{target} needs a quantize function and an output array")
     src2 = raw.reshape(1, -1) if raw.ndim <= 1 else raw.reshape(-1, raw.shape[-1])
     n_rows, n_cols = src2.shape
     if rows is None:
         rows = np.arange(n_rows, dtype=np.int64)
     step = max(1, slab_bytes // (4 * n_cols))
-    slab = np.empty((min(step, len(rows)), n_cols), np.float32)
-    data = None
+    n_slab = min(step, len(rows)) * n_cols
+    slab = np.empty(n_slab, np.float32) if slab is None or slab.size < n_slab else slab.reshape(-1)[:n_slab]
+    slab = slab.reshape(-1, n_cols)
+    out = out.reshape(len(rows), -1)
     finite = True
     for s0 in range(0, len(rows), step):
         sel = rows[s0:s0 + step]
         x, ok = convert(src2, src_dtype, "F32", sel, out=slab[:len(sel)])
         finite &= ok
-        q = quantize(x)
-        if data is None:
-            data = np.empty((len(rows), q.shape[1]), np.uint8) if out is None else out.reshape(len(rows), -1)
-        data[s0:s0 + len(sel)] = q
-    return data, finite
+        quantize(x, out[s0:s0 + len(sel)])
+    return out, finite

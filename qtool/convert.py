@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,6 +21,9 @@ from qtool.formats.constants import FILE_TYPES, FLOAT_TYPES, GGML_QUANTIZATION_V
 from qtool.formats.gguf_writer import GGUFWriter
 from qtool.formats.hf_tokenizer import tokenizer_metadata
 from qtool.recipes import RecipeOptions
+
+
+SLAB_BYTES = 16 << 20  # float32 rows widened at a time before quantizing: stays in the last-level cache's reach
 
 
 @dataclass
@@ -247,39 +251,79 @@ def _dequantize(g, t) -> Stored:
                   release=release)
 
 
-def encode(s: Stored, ggml_type: GGMLType, name: str) -> np.ndarray:
-    """Stored values → the bytes of ggml_type, checking every value is finite on the way."""
-    from functools import partial
+class Scratch:
+    """Buffers reused from tensor to tensor: fresh ones for each tensor would be page-faulted in again, which
+    costs as much as the conversion itself."""
 
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, nbytes: int) -> np.ndarray:
+        buf = self._buffers.get(key)
+        if buf is None or buf.nbytes < nbytes:
+            self._buffers.pop(key, None)
+            buf = self._buffers[key] = np.empty(max(nbytes, 1), np.uint8)
+        return buf[:nbytes]
+
+
+def encode(s: Stored, ggml_type: GGMLType, name: str, scratch: Scratch | None = None) -> np.ndarray:
+    """Stored values → the bytes of ggml_type, checking every value is finite on the way. The result may live in
+    `scratch` and is valid until the next call with it."""
     from qtool import kernels
     from qtool.kernels import convert as cast
-    quantize = None if ggml_type in FLOAT_TYPES else partial(kernels.quantize, ggml_type)
-    data, finite = cast.encode_stored(s.values, s.dtype, ggml_type.name, s.rows, quantize)
+    scratch = scratch or Scratch()
+    shape = s.values.shape
+    if ggml_type in FLOAT_TYPES:
+        dtype = cast.TARGET_DTYPES[ggml_type.name]
+        out = scratch.get("out", math.prod(shape) * np.dtype(dtype).itemsize).view(dtype).reshape(shape)
+        quantize = slab = None
+    else:
+        n_rows = math.prod(shape[:-1])
+        out = scratch.get("out", n_rows * kernels.row_bytes(ggml_type, shape[-1])).reshape(n_rows, -1)
+        quantize = partial(kernels.quantize, ggml_type)
+        slab = scratch.get("slab", SLAB_BYTES).view(np.float32)
+    data, finite = cast.encode_stored(s.values, s.dtype, ggml_type.name, s.rows, quantize, out, slab, SLAB_BYTES)
     if not finite:
         raise QtoolError(f"tensor {name} contains NaN or Inf values; refusing to write a broken file")
     return data
 
 
 def write(plan_: Plan, out: Path, on_tensor: Callable[[TensorJob, int], None] = lambda job, n: None) -> int:
-    """Stream the planned file to `out`; returns its size in bytes."""
+    """Stream the planned file to `out`; returns its size in bytes.
+
+    A tensor is written by a second thread while the next one is encoded (the write is a system call that
+    releases the GIL), so two sets of scratch buffers alternate."""
+    from concurrent.futures import ThreadPoolExecutor
+
     writer = GGUFWriter(out)
     for key, value, vtype, elem in plan_.metadata:
         writer.add(key, value, vtype, elem)
     for job in plan_.jobs:
         writer.add_tensor(job.name, job.shape, job.ggml_type)
+    scratch = (Scratch(), Scratch())
+
+    def put(name: str, data: np.ndarray, release: Callable[[], None]) -> None:
+        writer.write_tensor(name, data)
+        release()
+
     with writer:
         writer.open()
-        for job in plan_.jobs:
-            if job.source_type == job.ggml_type:  # unchanged: copy the stored bytes
-                data = plan_.source.raw(job.name)
-                writer.write_tensor(job.name, data)
-                plan_.source.release(job.name)
-            else:
-                stored = job.load()
-                data = encode(stored, job.ggml_type, job.name)
-                writer.write_tensor(job.name, data)
-                stored.release()
-                del stored
-            on_tensor(job, data.nbytes)
-            del data
+        pending = None
+        with ThreadPoolExecutor(1) as pool:
+            for i, job in enumerate(plan_.jobs):
+                if job.source_type == job.ggml_type:  # unchanged: copy the stored bytes
+                    data = plan_.source.raw(job.name)
+                    release = partial(plan_.source.release, job.name)
+                else:
+                    stored = job.load()
+                    data = encode(stored, job.ggml_type, job.name, scratch[i % 2])
+                    release = stored.release
+                    del stored
+                if pending is not None:
+                    pending.result()  # also frees the other scratch set for the next tensor
+                pending = pool.submit(put, job.name, data, release)
+                on_tensor(job, data.nbytes)
+                del data
+            if pending is not None:
+                pending.result()
     return out.stat().st_size

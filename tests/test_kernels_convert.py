@@ -2,6 +2,8 @@
 16-bit pattern, NaN/Inf detection, the row gather that does the Q/K permutation, and slab-wise quantization."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -89,9 +91,12 @@ def test_slab_wise_quantization_equals_quantizing_the_whole_tensor(ggml_type):
     bf16 = numpy_bf16(x)
     rows = rng.permutation(37)
     wide = (bf16.astype(np.uint32) << 16).view(np.float32)[rows]
-    quantize = lambda v: kernels.quantize(ggml_type, v)  # noqa: E731
+    quantize = partial(kernels.quantize, ggml_type)
+    want = kernels.quantize(ggml_type, wide)
     # slabs of 4 rows: ten slabs, the last one short
-    data, finite = encode_stored(bf16, "BF16", ggml_type.name, rows, quantize, slab_bytes=4 * 4 * 512)
-    assert finite and np.array_equal(data, kernels.quantize(ggml_type, wide))
+    data, finite = encode_stored(bf16, "BF16", ggml_type.name, rows, quantize, np.empty_like(want),
+                                 slab_bytes=4 * 4 * 512)
+    assert finite and np.array_equal(data, want)
     bf16[30, 7] = 0x7FC0  # a NaN in the last slab
-    assert not encode_stored(bf16, "BF16", ggml_type.name, rows, quantize, slab_bytes=4 * 4 * 512)[1]
+    assert not encode_stored(bf16, "BF16", ggml_type.name, rows, quantize, np.empty_like(want),
+                             slab_bytes=4 * 4 * 512)[1]
