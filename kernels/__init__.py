@@ -6,7 +6,9 @@ layout) and `dequantize(q, out)`, both parallel over rows. Importing this packag
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +28,33 @@ _MODULES: dict[GGMLType, str] = {
     GGMLType.Q6_K: "q6_k",
     GGMLType.Q8_K: "q8_k",  # activations of K-quant dot products (the runner); recipes never write it
 }
+
+
+# modules whose numba functions other modules here inline: numba's cache=True notices edits to a kernel's own
+# file only, so an edit to one of these (a `git pull`, say) would leave every other kernel's cache stale
+_SHARED_SOURCES = ("common.py", "legacy.py", "kquant_common.py")
+
+
+def _drop_stale_cache() -> None:
+    here = Path(__file__).parent
+    cache = here / "__pycache__"
+    digest = hashlib.sha256(b"".join((here / f).read_bytes() for f in _SHARED_SOURCES)).hexdigest()
+    stamp = cache / "numba-shared-sources.sha256"
+    try:
+        if stamp.read_text() == digest:
+            return
+    except OSError:
+        pass
+    try:  # an unwritable install keeps whatever cache it has (numba then caches elsewhere)
+        for f in [*cache.glob("*.nbi"), *cache.glob("*.nbc")]:
+            f.unlink(missing_ok=True)
+        cache.mkdir(exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:
+        pass
+
+
+_drop_stale_cache()
 
 
 def quantizable_types() -> tuple[GGMLType, ...]:
