@@ -46,10 +46,6 @@ def resolve_source(src: str) -> Path:
         raise QtoolError(f"{src}: download failed: {first}") from None
 
 
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 class Checkpoint:
     """A checkpoint folder. `names` lists every tensor; `stored(name)` gives its stored values, `release(name)`
     drops the file pages they touched."""

@@ -11,8 +11,11 @@ from safetensors.numpy import load_file
 
 from conftest import qtool
 from qtool.archs import gguf_tensor_name, unpermute_qk
-from qtool.formats.checkpoint import bf16_to_f32
 from qtool.formats.gguf_reader import GGUFFile
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def source_tensors(folder) -> dict[str, np.ndarray]:
