@@ -129,8 +129,7 @@ class Model:
         if kv_type not in KV_TYPES:
             raise QtoolError(f"--kv-type {kv_type!r}: use one of {', '.join(KV_TYPES)}")
         if threads:
-            import numba
-            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            mm.set_threads(threads)
         self.gguf = GGUFFile(self.path)
         try:
             self.cfg = self._config()
