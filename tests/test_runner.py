@@ -64,3 +64,32 @@ def test_run_on_a_non_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"nope")
     proc = qtool("run", bad, "-p", "hi")
     assert proc.returncode == 1 and "x.gguf" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("model", ["stories260K", "stories3M"])
+def test_f32_logits_and_greedy_text_equal_transformers(model, converted, eval_text):
+    """The FP reference: transformers on the original checkpoint. F32 KV cache, as float32 as transformers."""
+    import numpy as np
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from conftest import shared_model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(shared_model(model), torch_dtype=torch.float32)
+    m = Model(converted(model, "F32"), n_ctx=256, kv_type="f32")
+    try:
+        ids = m.tokenizer.encode(eval_text[:1500], add_bos=True)[:256]
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0].numpy()
+        got = m.eval(ids, all_logits=True)
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+        prompt = m.tokenizer.encode("Once upon a time", add_bos=True)
+        with torch.no_grad():
+            hf_text = hf.generate(torch.tensor([prompt]), max_new_tokens=100, do_sample=False)[0].tolist()
+        m.reset()
+        ours = list(prompt)
+        logits = m.eval(prompt)
+        while len(ours) < len(hf_text):
+            ours.append(int(np.argmax(logits)))
+            logits = m.eval(ours[-1:])
+        assert ours == hf_text
+    finally:
+        m.close()
