@@ -146,7 +146,15 @@ def perplexity(
     model = Model(path, n_ctx=ctx)
     ref = Model(reference, n_ctx=ctx) if reference else None
     try:
-        r = ppl.run(model, body, ctx, reference=ref)
+        if quiet or as_json:
+            r = ppl.run(model, body, ctx, reference=ref)
+        else:
+            from rich.console import Console
+            from rich.progress import Progress
+            with Progress(console=Console(stderr=True), transient=True) as bar:
+                task = bar.add_task("windows", total=None)
+                r = ppl.run(model, body, ctx, reference=ref,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
     finally:
         model.close()
         if ref:
