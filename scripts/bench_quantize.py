@@ -70,6 +70,18 @@ def rel_rmse(src: Path, out: Path) -> float:
     return math.sqrt(err / ref)
 
 
+def f16_model(out: Path, quick: bool) -> tuple[str, Path]:
+    """The F16 GGUF of the foundation benchmark's synthetic model (built once under `out`): (label, path)."""
+    label = "quick-base" if quick else "base"
+    ckpt = out / "models" / label
+    if not (ckpt / "config.json").is_file():
+        make_checkpoint(ckpt, **(QUICK if quick else BASE))
+    f16 = out / f"{label}.F16.gguf"
+    if not f16.is_file():
+        subprocess.run([sys.executable, "-m", "qtool", "convert", ckpt, "-o", f16, "--type", "F16", "-q"], check=True)
+    return label, f16
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -78,13 +90,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench-out"))
     args = ap.parse_args()
     out = Path(args.out)
-    label = "quick-base" if args.quick else "base"
-    ckpt = out / "models" / label
-    if not (ckpt / "config.json").is_file():
-        make_checkpoint(ckpt, **(QUICK if args.quick else BASE))
-    f16 = out / f"{label}.F16.gguf"
-    if not f16.is_file():
-        subprocess.run([sys.executable, "-m", "qtool", "convert", ckpt, "-o", f16, "--type", "F16", "-q"], check=True)
+    label, f16 = f16_model(out, args.quick)
     with GGUFFile(f16) as g:
         n_params = sum(t.n_elements for t in g.tensors.values())
     print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}")

@@ -22,8 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_util import machine, mb, run_measured, table  # noqa: E402
-from bench_quantize import BASE, QUICK  # noqa: E402
-from make_checkpoint import make_checkpoint  # noqa: E402
+from bench_quantize import f16_model  # noqa: E402
 
 from qtool.formats.gguf_reader import GGUFFile  # noqa: E402
 
@@ -102,13 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     args.threads_n = int(args.threads)
     out = Path(args.out)
-    label = "quick-base" if args.quick else "base"
-    ckpt = out / "models" / label
-    if not (ckpt / "config.json").is_file():
-        make_checkpoint(ckpt, **(QUICK if args.quick else BASE))
-    f16 = out / f"{label}.F16.gguf"
-    if not f16.is_file():
-        subprocess.run([sys.executable, "-m", "qtool", "convert", ckpt, "-o", f16, "--type", "F16", "-q"], check=True)
+    label, f16 = f16_model(out, args.quick)
     bw = copy_bandwidth()
     print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}; copy bandwidth {bw / 1e9:.1f} GB/s")
     print(f"model: {label}; prompt {args.prompt} tokens, decode {args.decode} tokens, {args.threads} threads\n")
