@@ -18,7 +18,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # what a conversion needs from a hub repo; weights are safetensors only
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "added_tokens.json"]
+                "added_tokens.json", "chat_template.jinja"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -48,6 +48,12 @@ def _read_json(path: Path) -> dict:
 def tokenizer_metadata(folder: Path, config: dict) -> TokenizerMeta:
     folder = Path(folder)
     tok_cfg = _read_json(folder / "tokenizer_config.json")
+    jinja = folder / "chat_template.jinja"  # where transformers >= 4.43 saves the template
+    if not tok_cfg.get("chat_template") and jinja.is_file():
+        try:
+            tok_cfg = {**tok_cfg, "chat_template": jinja.read_text(encoding="utf-8")}
+        except (OSError, UnicodeDecodeError) as e:
+            raise QtoolError(f"{jinja}: cannot read as UTF-8 text ({e})") from None
     tok_json = _read_json(folder / "tokenizer.json")
     meta = TokenizerMeta()
     if (folder / "tokenizer.model").is_file():

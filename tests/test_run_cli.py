@@ -143,3 +143,18 @@ def test_q8_0_kv_cache_keeps_perplexity_and_halves_its_memory(converted, eval_te
     assert "(q8_0)" in proc.stderr
     proc = qtool("run", converted("stories260K", "Q8_0"), "-p", "Once", "--kv-type", "q8_0")  # heads of 8
     assert proc.returncode == 1 and "multiples of 32" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_chat_template_jinja_file_reaches_the_gguf(stories260k, tmp_path):
+    """transformers >= 4.43 saves the template as chat_template.jinja beside tokenizer_config.json."""
+    import shutil
+
+    from qtool.formats.gguf_reader import GGUFFile
+    src = tmp_path / "model"
+    shutil.copytree(stories260k, src)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    (src / "chat_template.jinja").write_text(template)
+    out = tmp_path / "m.gguf"
+    qtool("convert", src, "-o", out, "--type", "F32", "--quiet", check=True)
+    with GGUFFile(out) as g:
+        assert g.get("tokenizer.chat_template") == template
