@@ -31,6 +31,7 @@ F0 = np.float32(0.0)
 TWO112 = np.float32(5.192296858534828e33)  # 2**112: turns half bits << 13 into the half's value
 BLAS_MIN_TOKENS = 8  # from this many tokens on, dequantize tiles and use BLAS
 TILE_BYTES = 4 << 20  # float32 bytes of one dequantized tile
+SMALL_WORK = 1 << 20  # multiply-adds below which a fused product runs on one thread
 
 
 # ---- scalar helpers ---------------------------------------------------------------------------------------------
@@ -682,7 +683,8 @@ class _Pools:
     """One thread pool at a time. numba's workers and OpenBLAS's both spin-wait for work after each call; used in
     turn on the same cores they slow each other several-fold (measured: a 256-token window of stories3M 0.45 s
     with both pools live, 0.08 s with one). So the blocked path gets BLAS's threads with numba on one, the fused
-    path numba's threads with BLAS on one; switching is two cheap calls and happens only when the path changes."""
+    path numba's threads with BLAS on one, and small fused products one thread of each; switching is two cheap
+    calls and happens only when the path changes."""
 
     def __init__(self) -> None:
         self.mode = ""
@@ -697,7 +699,7 @@ class _Pools:
             from threadpoolctl import ThreadpoolController
             self.blas = ThreadpoolController().select(user_api="blas").lib_controllers
             self.threads = self.threads or numba.get_num_threads()
-        numba.set_num_threads(1 if mode == "blas" else self.threads)
+        numba.set_num_threads(self.threads if mode == "numba" else 1)
         for lib in self.blas:
             lib.set_num_threads(self.threads if mode == "blas" else 1)
         self.mode = mode
@@ -722,7 +724,8 @@ def linear(w: Weight, x: np.ndarray, act: Act | None = None) -> np.ndarray:
     if act.x.shape[0] >= BLAS_MIN_TOKENS:
         POOLS.use("blas")
         return matmul_blocked(w, act)
-    POOLS.use("numba")
+    # waking the workers costs tens of microseconds, more than a small product takes on one core
+    POOLS.use("numba" if act.x.shape[0] * w.n_out * w.n_in >= SMALL_WORK else "serial")
     return matvec(w, act)
 
 

@@ -60,6 +60,7 @@ def run(
     from qtool.sampling import Sampler, SamplerOptions
 
     model = Model(path, n_ctx=ctx, kv_type=kv_type)
+    model.warm_up()  # so that the prompt's tokens/s is not the kernels' loading time
     opts = SamplerOptions(temperature=temp, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, seed=seed)
     try:
         if prompt is not None:

@@ -289,6 +289,14 @@ class Model:
         self.gguf.close()
 
     # -- forward -----------------------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Load the compiled kernels of both paths (numba's cache) before anything is timed."""
+        if self.n_ctx > self._mm.BLAS_MIN_TOKENS:
+            self.reset()
+            self.eval(np.zeros(self._mm.BLAS_MIN_TOKENS, dtype=np.int64))
+            self.eval([0])
+            self.reset()
+
     def reset(self, n_past: int = 0) -> None:
         """Forget the cache from position n_past on."""
         self.n_past = max(0, min(n_past, self.n_past))
