@@ -10,8 +10,13 @@ OUT := build
 install:  ## qtool and its runtime dependencies
 	$(PIP) install -q -e .
 
+# llama.cpp is built for this CPU but without AMX: CPUs may report AMX that their (virtual) machine does not let a
+# program use (SIGILL in ggml's AMX matrix product). GCC keeps explicit -mno-* over -march=native whatever the order.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+
 install-dev:  ## plus the test tools and the reference oracles (llama.cpp built from source, torch CPU, transformers)
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -e '.[test,reference]'
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[test,reference]'
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests

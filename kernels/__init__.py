@@ -32,7 +32,7 @@ _MODULES: dict[GGMLType, str] = {
 
 # modules whose numba functions other modules here inline: numba's cache=True notices edits to a kernel's own
 # file only, so an edit to one of these (a `git pull`, say) would leave every other kernel's cache stale
-_SHARED_SOURCES = ("common.py", "legacy.py", "kquant_common.py")
+_SHARED_SOURCES = ("common.py", "legacy.py", "kquant_common.py", "matvec.py")  # matvec: h2f
 
 
 def _drop_stale_cache() -> None:

@@ -9,14 +9,15 @@ scaled by both scales. The per-block integer sums are computed in float32, which
 float sums across blocks differ from llama.cpp's in rounding order.
 
 Two paths, same math:
-- `matvec` kernels (decode, a few tokens): one numba kernel per type, parallel over weight rows; each row is
-  decoded block by block straight from the memory map and dotted with every token's activations.
+- fused kernels (decode, a few tokens; matvec.py): one numba kernel per type, parallel over weight rows, one
+  SIMD lane per block of a row; quantized weights are repacked once, when loaded, into the "planes" those
+  kernels read (the file's bytes reordered, see matvec.py).
 - blocked (prompt processing, many tokens): tiles of rows are dequantized into a small float32 buffer and handed
   to BLAS together with the (quantized-then-dequantized) activations; W = d*q and x = dx*qx are exact in
   float32 products' rounding, so this is the same sum up to float rounding. Never more than one tile of W is
   materialized.
 
-`linear(w, x)` picks the path. Weights are `Weight` objects: the ggml type, the mmap view, the shape.
+`linear(w, x)` picks the path. Weights are `Weight` objects: the ggml type, the stored bytes, the shape.
 """
 from __future__ import annotations
 
@@ -26,30 +27,13 @@ from numba import njit, prange
 from qtool.formats.constants import QK_K, TYPE_INFO, GGMLType
 
 from .common import fp16_bits, fp16_value, load_fp16
+from . import matvec as mv
+from .matvec import bf2f, h2f
 
 F0 = np.float32(0.0)
-TWO112 = np.float32(5.192296858534828e33)  # 2**112: turns half bits << 13 into the half's value
 BLAS_MIN_TOKENS = 8  # from this many tokens on, dequantize tiles and use BLAS
 TILE_BYTES = 4 << 20  # float32 bytes of one dequantized tile
 SMALL_WORK = 1 << 20  # multiply-adds below which a fused product runs on one thread
-
-
-# ---- scalar helpers ---------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def h2f(h) -> np.float32:
-    """fp16 bits → float32, branch-free so loops over it vectorize (inf/NaN kept)."""
-    hi = np.uint32(h)
-    em = hi & np.uint32(0x7FFF)
-    f = np.float32(np.uint32(em << np.uint32(13)).view(np.float32) * TWO112)
-    bits = f.view(np.uint32)
-    if em >= np.uint32(0x7C00):
-        bits = (em << np.uint32(13)) | np.uint32(0x7F800000)
-    return np.uint32(bits | ((hi & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
-
-
-@njit(cache=True, inline="always")
-def bf2f(h) -> np.float32:
-    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
 
 
 # ---- activation conversion (ggml's quantize_row_q8_0 / q8_1 / q8_K) --------------------------------------------
@@ -132,11 +116,12 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
 
 class Act:
     """Activations converted to a weight type's vec_dot_type (all arrays float32)."""
-    __slots__ = ("kind", "x", "q", "d", "s", "_deq")
+    __slots__ = ("kind", "x", "q", "d", "s", "_deq", "_planes")
 
     def __init__(self, kind: str, x: np.ndarray):
         self.kind = kind
         self._deq = None
+        self._planes = None
         x = np.ascontiguousarray(x, dtype=np.float32)
         T, K = x.shape
         self.q = self.d = self.s = None
@@ -172,6 +157,31 @@ class Act:
                 self._deq = (self.q.reshape(T, K // bs, bs) * self.d[:, :, None]).reshape(T, K)
         return self._deq
 
+    def planes(self) -> tuple[np.ndarray, ...]:
+        """The quantized activations laid out as matvec.py's kernels read them, blocks last and padded with
+        zeros: int16 codes (T, per block, lanes), scales (T, lanes) and, for Q8_0, the sums of each block's codes;
+        for Q8_1, fp16(d * sum); for Q8_K, the sums of each 16 codes (T, 16, lanes)."""
+        if self._planes is None:
+            T, K = self.q.shape
+            bs = QK_K if self.kind == "q8_k" else 32
+            nb = K // bs
+            lanes = mv.n_lanes(nb)
+
+            def pad(a, inner, dtype=np.float32):
+                out = np.zeros((T, inner, lanes), dtype)
+                out[:, :, :nb] = a.reshape(T, nb, inner).transpose(0, 2, 1)
+                return out if inner > 1 else out.reshape(T, lanes)
+
+            codes = pad(self.q, bs, np.int16)
+            if self.kind == "q8_0":
+                extra = pad(self.q.reshape(T, nb, bs).sum(axis=2, dtype=np.float32), 1)
+            elif self.kind == "q8_1":
+                extra = pad(self.s, 1)
+            else:
+                extra = pad(self.s, 16)
+            self._planes = (codes, pad(self.d, 1), extra)
+        return self._planes
+
 
 VEC_DOT_TYPE = {
     GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.BF16: "bf16",
@@ -181,171 +191,6 @@ VEC_DOT_TYPE = {
     GGMLType.Q6_K: "q8_k",
 }
 SUPPORTED = frozenset(VEC_DOT_TYPE)
-
-
-# ---- fused dequantize-dot kernels: out (T, N) = x (T, K) @ W.T, parallel over rows of W -------------------------
-# Block loops run to a trip count computed at run time (qk = K // nb), which LLVM vectorizes; a literal 32 would be
-# unrolled into scalar code (numba leaves the SLP vectorizer off).
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_f16(w, x, out):
-    N, K = w.shape
-    T = x.shape[0]
-    for r in prange(N):
-        for t in range(T):
-            acc = F0
-            for i in range(K):
-                acc += h2f(w[r, i]) * x[t, i]
-            out[t, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_bf16(w, x, out):
-    N, K = w.shape
-    T = x.shape[0]
-    for r in prange(N):
-        for t in range(T):
-            acc = F0
-            for i in range(K):
-                acc += bf2f(w[r, i]) * x[t, i]
-            out[t, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q8_0(w, wi, xq, xd, out):
-    """w uint8 rows, wi the same bytes as int8."""
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // 32
-    qk = K // nb if nb else 32
-    for r in prange(N):
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                o = b * 34 + 2
-                s = F0
-                for j in range(qk):
-                    s += np.float32(wi[r, o + j]) * xq[t, b * 32 + j]
-                acc += np.float32(load_fp16(w[r], o - 2) * xd[t, b]) * s
-            out[t, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q4_0(w, xq, xd, out):
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // 32
-    hk = (K // nb) // 2 if nb else 16
-    for r in prange(N):
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                o = b * 18 + 2
-                s = F0
-                for j in range(hk):
-                    v = w[r, o + j]
-                    s += np.float32(np.int32(v & 15) - 8) * xq[t, b * 32 + j] \
-                        + np.float32(np.int32(v >> 4) - 8) * xq[t, b * 32 + 16 + j]
-                acc += np.float32(load_fp16(w[r], o - 2) * xd[t, b]) * s
-            out[t, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q4_1(w, xq, xd, xs, out):
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // 32
-    hk = (K // nb) // 2 if nb else 16
-    for r in prange(N):
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                o = b * 20 + 4
-                s = F0
-                for j in range(hk):
-                    v = w[r, o + j]
-                    s += np.float32(v & 15) * xq[t, b * 32 + j] + np.float32(v >> 4) * xq[t, b * 32 + 16 + j]
-                acc += np.float32(load_fp16(w[r], o - 4) * xd[t, b]) * s + load_fp16(w[r], o - 2) * xs[t, b]
-            out[t, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q5_0(w, xq, xd, out):
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // 32
-    hk = (K // nb) // 2 if nb else 16
-    for r in prange(N):
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                o = b * 22
-                qh = np.uint32(w[r, o + 2]) | (np.uint32(w[r, o + 3]) << np.uint32(8)) \
-                    | (np.uint32(w[r, o + 4]) << np.uint32(16)) | (np.uint32(w[r, o + 5]) << np.uint32(24))
-                s = F0
-                for j in range(hk):
-                    v = np.uint32(w[r, o + 6 + j])
-                    lo = (v & np.uint32(15)) | (((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
-                    hi = (v >> np.uint32(4)) | (((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
-                    s += (np.float32(lo) - np.float32(16.0)) * xq[t, b * 32 + j] \
-                        + (np.float32(hi) - np.float32(16.0)) * xq[t, b * 32 + 16 + j]
-                acc += np.float32(load_fp16(w[r], o) * xd[t, b]) * s
-            out[t, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q5_1(w, xq, xd, xs, out):
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // 32
-    hk = (K // nb) // 2 if nb else 16
-    for r in prange(N):
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                o = b * 24
-                qh = np.uint32(w[r, o + 4]) | (np.uint32(w[r, o + 5]) << np.uint32(8)) \
-                    | (np.uint32(w[r, o + 6]) << np.uint32(16)) | (np.uint32(w[r, o + 7]) << np.uint32(24))
-                s = F0
-                for j in range(hk):
-                    v = np.uint32(w[r, o + 8 + j])
-                    lo = (v & np.uint32(15)) | (((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
-                    hi = (v >> np.uint32(4)) | (((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
-                    s += np.float32(lo) * xq[t, b * 32 + j] + np.float32(hi) * xq[t, b * 32 + 16 + j]
-                acc += np.float32(load_fp16(w[r], o) * xd[t, b]) * s + load_fp16(w[r], o + 2) * xs[t, b]
-            out[t, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q2_k(w, xq, xd, xb, out):
-    """block_q2_K (84 bytes): scales[16] (low nibble scale, high nibble min), qs[64], d, dmin."""
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // QK_K
-    n16 = K // (nb * 16) if nb else 16
-    for r in prange(N):
-        wr = w[r]
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                p = b * 84
-                xo = b * QK_K
-                isum = F0  # sum over sub-blocks of sc * (q . x), exact integers
-                msum = F0
-                for h in range(2):
-                    for k in range(4):
-                        for half in range(2):
-                            sidx = 8 * h + 2 * k + half
-                            sc = wr[p + sidx]
-                            qb = p + 16 + 32 * h + 16 * half
-                            xb0 = xo + 128 * h + 32 * k + 16 * half
-                            s = F0
-                            for l in range(n16):
-                                s += np.float32((wr[qb + l] >> (2 * k)) & 3) * xq[t, xb0 + l]
-                            isum += np.float32(sc & 15) * s
-                            msum += np.float32(sc >> 4) * xb[t, b * 16 + (xb0 - xo) // 16]
-                acc += xd[t, b] * (load_fp16(wr, p + 80) * isum - load_fp16(wr, p + 82) * msum)
-            out[t, r] = acc
 
 
 @njit(cache=True, inline="always")
@@ -362,157 +207,6 @@ def _q3_scale(wr, p: int, j: int) -> np.float32:
         v = (wr[s + j - 8] >> 4) | (((wr[s + j - 4] >> 6) & 3) << 4)
     return np.float32(np.int32(v) - 32)
 
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q3_k(w, xq, xd, xb, out):
-    """block_q3_K (110 bytes): hmask[32], qs[64], scales[12], d. q = 2 low bits - (hmask bit ? 0 : 4)."""
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // QK_K
-    n16 = K // (nb * 16) if nb else 16
-    for r in prange(N):
-        wr = w[r]
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                p = b * 110
-                xo = b * QK_K
-                isum = F0
-                for n in range(2):
-                    for j in range(4):
-                        m = np.uint8(1 << (4 * n + j))
-                        for half in range(2):
-                            sc = _q3_scale(wr, p, 8 * n + 2 * j + half)
-                            qb = p + 32 + 32 * n + 16 * half
-                            hb = p + 16 * half
-                            xb0 = xo + 128 * n + 32 * j + 16 * half
-                            s = F0
-                            for l in range(n16):
-                                q = np.float32((wr[qb + l] >> (2 * j)) & 3)
-                                if (wr[hb + l] & m) == 0:
-                                    q -= np.float32(4.0)
-                                s += q * xq[t, xb0 + l]
-                            isum += sc * s
-                acc += np.float32(xd[t, b] * load_fp16(wr, p + 108)) * isum
-            out[t, r] = acc
-
-
-@njit(cache=True, inline="always")
-def _scale_min_k4(wr, p: int, j: int):
-    if j < 4:
-        return np.float32(wr[p + j] & 63), np.float32(wr[p + j + 4] & 63)
-    sc = (wr[p + j + 4] & 15) | ((wr[p + j - 4] >> 6) << 4)
-    m = (wr[p + j + 4] >> 4) | ((wr[p + j] >> 6) << 4)
-    return np.float32(sc), np.float32(m)
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q4_k(w, xq, xd, xb, out):
-    """block_q4_K (144 bytes): d, dmin, scales[12], qs[128]."""
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // QK_K
-    n32 = K // (nb * 8) if nb else 32
-    for r in prange(N):
-        wr = w[r]
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                p = b * 144
-                xo = b * QK_K
-                isum = F0
-                msum = F0
-                for k in range(4):
-                    sc1, m1 = _scale_min_k4(wr, p + 4, 2 * k)
-                    sc2, m2 = _scale_min_k4(wr, p + 4, 2 * k + 1)
-                    qb = p + 16 + 32 * k
-                    x1 = xo + 64 * k
-                    s1 = F0
-                    s2 = F0
-                    for l in range(n32):
-                        v = wr[qb + l]
-                        s1 += np.float32(v & 15) * xq[t, x1 + l]
-                        s2 += np.float32(v >> 4) * xq[t, x1 + 32 + l]
-                    isum += sc1 * s1 + sc2 * s2
-                    bo = b * 16 + 4 * k
-                    msum += m1 * (xb[t, bo] + xb[t, bo + 1]) + m2 * (xb[t, bo + 2] + xb[t, bo + 3])
-                acc += xd[t, b] * (load_fp16(wr, p) * isum - load_fp16(wr, p + 2) * msum)
-            out[t, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q5_k(w, xq, xd, xb, out):
-    """block_q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]."""
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // QK_K
-    n32 = K // (nb * 8) if nb else 32
-    for r in prange(N):
-        wr = w[r]
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                p = b * 176
-                xo = b * QK_K
-                isum = F0
-                msum = F0
-                for k in range(4):
-                    sc1, m1 = _scale_min_k4(wr, p + 4, 2 * k)
-                    sc2, m2 = _scale_min_k4(wr, p + 4, 2 * k + 1)
-                    qb = p + 48 + 32 * k
-                    x1 = xo + 64 * k
-                    s1 = F0
-                    s2 = F0
-                    for l in range(n32):
-                        v = wr[qb + l]
-                        h = wr[p + 16 + l]
-                        s1 += np.float32((v & 15) | (((h >> (2 * k)) & 1) << 4)) * xq[t, x1 + l]
-                        s2 += np.float32((v >> 4) | (((h >> (2 * k + 1)) & 1) << 4)) * xq[t, x1 + 32 + l]
-                    isum += sc1 * s1 + sc2 * s2
-                    bo = b * 16 + 4 * k
-                    msum += m1 * (xb[t, bo] + xb[t, bo + 1]) + m2 * (xb[t, bo + 2] + xb[t, bo + 3])
-                acc += xd[t, b] * (load_fp16(wr, p) * isum - load_fp16(wr, p + 2) * msum)
-            out[t, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def mv_q6_k(w, xq, xd, out):
-    """block_q6_K (210 bytes): ql[128], qh[64], scales[16] (int8), d. q = 6 bits - 32."""
-    N = w.shape[0]
-    T, K = xq.shape
-    nb = K // QK_K
-    n16 = K // (nb * 16) if nb else 16
-    for r in prange(N):
-        wr = w[r]
-        for t in range(T):
-            acc = F0
-            for b in range(nb):
-                p = b * 210
-                xo = b * QK_K
-                isum = F0
-                for n in range(2):
-                    ql = p + 64 * n
-                    qh = p + 128 + 32 * n
-                    sp = p + 192 + 8 * n
-                    for half in range(2):
-                        s1 = F0
-                        s2 = F0
-                        s3 = F0
-                        s4 = F0
-                        xb0 = xo + 128 * n + 16 * half
-                        for i in range(n16):
-                            l = 16 * half + i
-                            a = wr[ql + l]
-                            c = wr[ql + 32 + l]
-                            h = wr[qh + l]
-                            s1 += np.float32(np.int32((a & 15) | ((h & 3) << 4)) - 32) * xq[t, xb0 + i]
-                            s2 += np.float32(np.int32((c & 15) | (((h >> 2) & 3) << 4)) - 32) * xq[t, xb0 + 32 + i]
-                            s3 += np.float32(np.int32((a >> 4) | (((h >> 4) & 3) << 4)) - 32) * xq[t, xb0 + 64 + i]
-                            s4 += np.float32(np.int32((c >> 4) | (((h >> 6) & 3) << 4)) - 32) * xq[t, xb0 + 96 + i]
-                        isum += np.float32(np.int8(wr[sp + half])) * s1 + np.float32(np.int8(wr[sp + half + 2])) * s2 \
-                            + np.float32(np.int8(wr[sp + half + 4])) * s3 + np.float32(np.int8(wr[sp + half + 6])) * s4
-                acc += np.float32(xd[t, b] * load_fp16(wr, p + 208)) * isum
-            out[t, r] = acc
 
 
 # ---- row dequantization (for the blocked path and embeddings) ---------------------------------------------------
@@ -607,22 +301,41 @@ def dequantize_rows(ggml_type: GGMLType, data: np.ndarray, n_cols: int, out: np.
 
 # ---- the weight and the dispatcher -------------------------------------------------------------------------------
 class Weight:
-    """A 2-D weight as stored: `data` is float32 (N, K) for F32, uint16 bits (N, K) for F16/BF16, or uint8
-    packed rows (N, row bytes) for quantized types; all zero-copy views of the memory map."""
-    __slots__ = ("name", "ggml_type", "data", "n_out", "n_in", "_i8")
+    """A 2-D weight: `data` is float32 (N, K) for F32, uint16 bits (N, K) for F16/BF16 (views of the memory map),
+    or, for quantized types, `planes`: the packed rows repacked for the fused kernels (matvec.py), in memory."""
+    __slots__ = ("name", "ggml_type", "data", "planes", "n_out", "n_in", "n_blocks")
 
     def __init__(self, name: str, ggml_type: GGMLType, data: np.ndarray, n_out: int, n_in: int):
-        self.name, self.ggml_type, self.data, self.n_out, self.n_in = name, ggml_type, data, n_out, n_in
-        self._i8 = data.view(np.int8) if ggml_type == GGMLType.Q8_0 else None
+        self.name, self.ggml_type, self.n_out, self.n_in = name, ggml_type, n_out, n_in
+        info = TYPE_INFO[ggml_type]
+        self.n_blocks = n_in // info.block_size
+        if ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+            self.data, self.planes = data, None
+        else:
+            self.data, self.planes = None, mv.to_planes(data, info.type_size)
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes
+        return (self.data if self.planes is None else self.planes).nbytes
 
-    def rows(self, ids) -> np.ndarray:
-        """Rows `ids` dequantized to float32 (token embedding lookup)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        return dequantize_rows(self.ggml_type, np.ascontiguousarray(self.data[ids]), self.n_in)
+    def stored_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0..r1 as the file stores them."""
+        if self.planes is None:
+            return self.data[r0:r1]
+        return mv.from_planes(self.planes[r0:r1], self.n_blocks)
+
+
+def embedding_rows(ggml_type: GGMLType, data: np.ndarray, ids, n_cols: int) -> np.ndarray:
+    """Rows `ids` of a stored matrix dequantized to float32 (token embedding lookup)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return dequantize_rows(ggml_type, np.ascontiguousarray(data[ids]), n_cols)
+
+
+_FUSED = {
+    GGMLType.Q8_0: mv.mv_q8_0, GGMLType.Q4_0: mv.mv_q4_0, GGMLType.Q4_1: mv.mv_q4_1, GGMLType.Q5_0: mv.mv_q5_0,
+    GGMLType.Q5_1: mv.mv_q5_1, GGMLType.Q2_K: mv.mv_q2_k, GGMLType.Q3_K: mv.mv_q3_k, GGMLType.Q4_K: mv.mv_q4_k,
+    GGMLType.Q5_K: mv.mv_q5_k, GGMLType.Q6_K: mv.mv_q6_k,
+}
 
 
 def matvec(w: Weight, act: Act) -> np.ndarray:
@@ -633,31 +346,14 @@ def matvec(w: Weight, act: Act) -> np.ndarray:
     if t == GGMLType.F32:
         np.matmul(act.x, w.data.T, out=out)
     elif t == GGMLType.F16:
-        mv_f16(w.data, act.x, out)
+        mv.run(mv.mv_f16, w.data, act.x, out)
     elif t == GGMLType.BF16:
-        mv_bf16(w.data, act.x, out)
+        mv.run(mv.mv_bf16, w.data, act.x, out)
     elif t == GGMLType.Q8_0:
-        mv_q8_0(w.data, w._i8, act.q, act.d, out)
-    elif t == GGMLType.Q4_0:
-        mv_q4_0(w.data, act.q, act.d, out)
-    elif t == GGMLType.Q4_1:
-        mv_q4_1(w.data, act.q, act.d, act.s, out)
-    elif t == GGMLType.Q5_0:
-        mv_q5_0(w.data, act.q, act.d, out)
-    elif t == GGMLType.Q5_1:
-        mv_q5_1(w.data, act.q, act.d, act.s, out)
-    elif t == GGMLType.Q2_K:
-        mv_q2_k(w.data, act.q, act.d, act.s, out)
-    elif t == GGMLType.Q3_K:
-        mv_q3_k(w.data, act.q, act.d, act.s, out)
-    elif t == GGMLType.Q4_K:
-        mv_q4_k(w.data, act.q, act.d, act.s, out)
-    elif t == GGMLType.Q5_K:
-        mv_q5_k(w.data, act.q, act.d, act.s, out)
-    elif t == GGMLType.Q6_K:
-        mv_q6_k(w.data, act.q, act.d, out)
+        codes, scales, _ = act.planes()
+        mv.run(mv.mv_q8_0, w.planes, codes, scales, out)
     else:
-        raise ValueError(f"no matmul kernel for {t.name}")
+        mv.run(_FUSED[t], w.planes, *act.planes(), out)
     return out
 
 
@@ -674,7 +370,7 @@ def matmul_blocked(w: Weight, act: Act) -> np.ndarray:
     for r0 in range(0, w.n_out, tile):
         r1 = min(w.n_out, r0 + tile)
         b = buf[:r1 - r0]
-        dequantize_rows(w.ggml_type, w.data[r0:r1], w.n_in, b)
+        dequantize_rows(w.ggml_type, w.stored_rows(r0, r1), w.n_in, b)
         np.matmul(x, b.T, out=out[:, r0:r1])
     return out
 

@@ -87,6 +87,19 @@ class KVCache:
             self.k[layer, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
             self.v[layer, :, pos0:pos0 + T] = v.transpose(1, 0, 2)
 
+    def attend(self, layer: int, q: np.ndarray, n: int, pos0: int, T: int, scale: np.float32,
+               out: np.ndarray) -> None:
+        """Attention of queries q (Hkv, rows, hd) over positions 0..n-1 into out, reading K and V as stored."""
+        from qtool.kernels.attention import attend
+        if self.kv_type == "q8_0":
+            attend(q, 1, self.k[layer], self.ks[layer].view(np.uint16), self.v[layer], self.vs[layer].view(np.uint16),
+                   n, pos0, T, scale, out)
+        elif self.kv_type == "f16":
+            k, v = self.k[layer].view(np.uint16), self.v[layer].view(np.uint16)
+            attend(q, 0, k, k, v, v, n, pos0, T, scale, out)
+        else:
+            attend(q, 2, self.k[layer], self.k[layer], self.v[layer], self.v[layer], n, pos0, T, scale, out)
+
     def load(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """K, V of positions 0..n-1 as float32 (H, n, hd)."""
         if self.kv_type == "q8_0":
@@ -221,7 +234,10 @@ class Model:
         data = self.gguf.array(name)
         if t.ggml_type in (GGMLType.F16, GGMLType.BF16):
             data = data.view(np.uint16)
-        return self._mm.Weight(name, t.ggml_type, data, n_out, n_in)
+        w = self._mm.Weight(name, t.ggml_type, data, n_out, n_in)
+        if w.planes is not None:  # repacked into memory: the file's pages are no longer needed
+            self.gguf.release(name)
+        return w
 
     def _load_weights(self) -> None:
         c = self.cfg
@@ -230,9 +246,9 @@ class Model:
         if emb.ggml_type not in self._mm.SUPPORTED:
             raise self._fail(f"tensor token_embd.weight: type {emb.ggml_type.name} is not supported by the runner")
         data = self.gguf.array("token_embd.weight")
-        self.tok_embd = self._mm.Weight("token_embd.weight", emb.ggml_type,
-                                        data.view(np.uint16) if emb.ggml_type in (GGMLType.F16, GGMLType.BF16)
-                                        else data, c.n_vocab, c.n_embd)
+        # looked up a few rows at a time, so read where it lies in the memory map
+        self.tok_embd = (emb.ggml_type, data.view(np.uint16) if emb.ggml_type in (GGMLType.F16, GGMLType.BF16)
+                         else data)
         self.output_norm = self._vector("output_norm.weight", c.n_embd)
         out = self._matrix("output.weight", c.n_vocab, c.n_embd, required=False)
         self.output = out if out is not None else self._matrix("token_embd.weight", c.n_vocab, c.n_embd)
@@ -354,15 +370,20 @@ class Model:
         T = q.shape[0]
         self.cache.store(layer, pos0, k, v)
         n = pos0 + T
-        K, V = self.cache.load(layer, n)  # (Hkv, n, hd)
         g = c.n_head // c.n_head_kv
         qh = q.transpose(1, 0, 2).reshape(c.n_head_kv, g * T, c.head_dim)
         if self.kv_type == "f16":
             qh = self._mm.round_f16(qh)
         elif self.kv_type == "q8_0":
             qh = self._mm.Act("q8_0", qh.reshape(-1, c.head_dim)).dequantized().reshape(qh.shape)
+        scale = np.float32(1.0 / np.sqrt(np.float32(c.head_dim)))
+        if T < self._mm.BLAS_MIN_TOKENS:  # decoding: read the cache as stored
+            o = np.empty((c.n_head_kv, g * T, c.head_dim_v), np.float32)
+            self.cache.attend(layer, np.ascontiguousarray(qh, dtype=np.float32), n, pos0, T, scale, o)
+            return o.reshape(c.n_head, T, c.head_dim_v).transpose(1, 0, 2).reshape(T, c.n_head * c.head_dim_v)
+        K, V = self.cache.load(layer, n)  # (Hkv, n, hd)
         scores = np.matmul(qh, K.transpose(0, 2, 1))  # (Hkv, g*T, n)
-        scores *= np.float32(1.0 / np.sqrt(np.float32(c.head_dim)))
+        scores *= scale
         scores = scores.reshape(c.n_head_kv, g, T, n)
         if T > 1 or pos0 + T < n:
             mask = np.arange(n)[None, :] > (pos0 + np.arange(T))[:, None]
@@ -398,7 +419,7 @@ class Model:
         mm = self._mm
         T = len(tokens)
         pos0 = self.n_past
-        x = self.tok_embd.rows(tokens)
+        x = mm.embedding_rows(*self.tok_embd, tokens, c.n_embd)
         cos, sin = self._rope_tables(np.arange(pos0, pos0 + T))
         for i, L in enumerate(self.layers):
             h = _rms_norm(x, L["attn_norm"], c.eps)

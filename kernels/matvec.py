@@ -1,0 +1,466 @@
+"""Fused dequantize-dot kernels for decoding (a few tokens): out (T, N) = x (T, K) @ W.T, W never dequantized.
+
+The weights are first repacked into "planes" (`to_planes`): byte k of every block of a row lies next to byte k of
+the row's next block, so a row is (block bytes, blocks) instead of (blocks, block bytes). The kernels then run
+one SIMD lane per block: the loop over a row's blocks is the innermost loop and vectorizes, each lane decodes its
+whole block with straight-line code, and the per-row sum stays in vector registers until the row ends. In the
+stored layout the vectorized loop would run over the 32 weights of one block and end every block with a
+horizontal sum, which measured 2-5x slower. The bytes are the file's bytes, only reordered, so the math is
+exactly that of the stored layout (see matmul.py): per block, an exact integer dot of codes times both scales.
+Row lengths are padded to a multiple of LANES blocks with zero blocks (scale 0), so no lane count leaves a
+scalar remainder loop.
+
+The activations come as planes too (`Act.planes`): codes (T, elements per block, blocks), scales (T, blocks),
+and per block the sum of the codes (32-weight types: to move the types' constant offsets, -8 for Q4_0, out of
+the inner sums) or the sums of each 16 codes (K-quants, the same for their minimums and offsets).
+
+Codes are multiplied and summed as int16, which is exact while a partial sum stays within +-32767 (16 products
+of a 4-bit code and an activation code of at most 127; fewer for wider codes), and each partial sum is then
+converted to float32; int16 lanes do twice the work of float32 ones per instruction, and converting bytes to
+int16 costs less than converting them to float32 (measured: Q4_0 2.2x the float32 kernel on one core).
+
+The block bodies are loops of constant trip count that LLVM must unroll completely for the block loop to be
+the innermost one, which LLVM's default budget does not allow, so `run` compiles each kernel with a larger one.
+For the 32-weight types it also lets the vectorizer size its vectors by the int16 work (16 lanes) rather than by
+the float32 accumulator (8): measured 1.4-2x faster. Not for the K-quants: a row of 2048 weights is only 8
+super-blocks, which 16 lanes would leave to scalar code (measured 2x slower).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from numba import njit, prange
+
+F0 = np.float32(0.0)
+TWO112 = np.float32(5.192296858534828e33)  # 2**112: turns half bits << 13 into the half's value
+LANES = 8  # blocks per SIMD vector of float32 (AVX2); rows of blocks are padded to a multiple of it
+# LLVM options while these kernels compile, and the defaults restored afterwards (-O3's unroll budget is 300)
+COMPILE_OPTIONS = ("-unroll-threshold=4000",)
+INT16_VECTORS = "-vectorizer-maximize-bandwidth"
+DEFAULT_OPTIONS = ("-unroll-threshold=300", f"{INT16_VECTORS}=false")
+
+
+@njit(cache=True, inline="always")
+def h2f(h) -> np.float32:
+    """fp16 bits → float32, branch-free so loops over it vectorize (inf/NaN kept)."""
+    hi = np.uint32(h)
+    em = hi & np.uint32(0x7FFF)
+    f = np.float32(np.uint32(em << np.uint32(13)).view(np.float32) * TWO112)
+    bits = f.view(np.uint32)
+    if em >= np.uint32(0x7C00):
+        bits = (em << np.uint32(13)) | np.uint32(0x7F800000)
+    return np.uint32(bits | ((hi & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+
+@njit(cache=True, inline="always")
+def bf2f(h) -> np.float32:
+    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+
+
+@njit(cache=True, inline="always")
+def _f16(w, r, k, b) -> np.float32:
+    """The fp16 at bytes k, k+1 of block b of row r."""
+    return h2f(np.uint16(w[r, k, b]) | (np.uint16(w[r, k + 1, b]) << np.uint16(8)))
+
+
+@njit(cache=True, inline="always")
+def _u8(v) -> np.float32:
+    # through uint8 so that LLVM converts 8-bit lanes, not the 64-bit integers numba computes in
+    return np.float32(np.uint8(v))
+
+
+@njit(cache=True, inline="always")
+def _i16(v) -> np.int16:
+    # numba computes integers in 64 bits; truncating every step lets LLVM keep the lanes 16 bits wide
+    return np.int16(v)
+
+
+# ---- layout ------------------------------------------------------------------------------------------------------
+def n_lanes(n_blocks: int) -> int:
+    return -(-n_blocks // LANES) * LANES
+
+
+@njit(parallel=True, cache=True)
+def _transpose_blocks(q, block_bytes, out):
+    rows, nbp = out.shape[0], out.shape[2]
+    nb = q.shape[1] // block_bytes
+    for r in prange(rows):
+        for b in range(nb):
+            for k in range(block_bytes):
+                out[r, k, b] = q[r, b * block_bytes + k]
+        for b in range(nb, nbp):
+            for k in range(block_bytes):
+                out[r, k, b] = 0
+
+
+@njit(parallel=True, cache=True)
+def _untranspose_blocks(p, n_blocks, out):
+    rows, block_bytes = p.shape[0], p.shape[1]
+    for r in prange(rows):
+        for b in range(n_blocks):
+            for k in range(block_bytes):
+                out[r, b * block_bytes + k] = p[r, k, b]
+
+
+def to_planes(q: np.ndarray, block_bytes: int) -> np.ndarray:
+    """Packed rows (N, blocks * block_bytes) → planes (N, block_bytes, padded blocks)."""
+    n, nb = q.shape[0], q.shape[1] // block_bytes
+    out = np.empty((n, block_bytes, n_lanes(nb)), np.uint8)
+    _transpose_blocks(q, block_bytes, out)
+    return out
+
+
+def from_planes(p: np.ndarray, n_blocks: int) -> np.ndarray:
+    """Planes back to packed rows (N, n_blocks * block_bytes)."""
+    out = np.empty((p.shape[0], n_blocks * p.shape[1]), np.uint8)
+    _untranspose_blocks(np.ascontiguousarray(p), n_blocks, out)
+    return out
+
+
+@contextlib.contextmanager
+def _compile_options(int16_vectors: bool):
+    import llvmlite.binding as ll
+    for o in (*COMPILE_OPTIONS, f"{INT16_VECTORS}={'true' if int16_vectors else 'false'}"):
+        ll.set_option("", o)
+    try:
+        yield
+    finally:
+        for o in DEFAULT_OPTIONS:
+            ll.set_option("", o)
+
+
+def run(kernel, *args) -> None:
+    """Call a kernel of this module; its first call in a process (which compiles it, or loads numba's cache) runs
+    with COMPILE_OPTIONS, which then apply to nothing else. Arguments are C-contiguous arrays, so each kernel has
+    one signature."""
+    if kernel.signatures:
+        kernel(*args)
+        return
+    with _compile_options(kernel in _BLOCK32):
+        kernel(*args)
+
+
+# ---- unquantized ----------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_f16(w, x, out):
+    N, K = w.shape
+    T = x.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for i in range(K):
+                acc += h2f(w[r, i]) * x[t, i]
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_bf16(w, x, out):
+    N, K = w.shape
+    T = x.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for i in range(K):
+                acc += bf2f(w[r, i]) * x[t, i]
+            out[t, r] = acc
+
+
+# ---- 32-weight blocks: w (N, block bytes, lanes); xq (T, 32, lanes) int16; xd, xs, xsum (T, lanes) ----------------
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q8_0(w, xq, xd, out):
+    """block_q8_0: d, qs[32] (int8). Products reach 128*127, so they are summed as int32."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                s = np.int32(0)
+                for j in range(32):
+                    s = np.int32(s + _i16(np.int8(w[r, 2 + j, b]) * xq[t, j, b]))
+                acc += _f16(w, r, 0, b) * xd[t, b] * np.float32(s)
+            out[t, r] = acc
+
+
+@njit(cache=True, inline="always")
+def _q4_dot(w, r, b, qs, xq, t) -> np.float32:
+    """Sum of the 4-bit codes (low nibbles weights 0-15, high nibbles 16-31) times the activation codes."""
+    s1 = np.int16(0)
+    s2 = np.int16(0)
+    for j in range(16):
+        v = w[r, qs + j, b]
+        s1 = _i16(s1 + _i16(v & 15) * xq[t, j, b])
+        s2 = _i16(s2 + _i16(v >> 4) * xq[t, 16 + j, b])
+    return np.float32(s1) + np.float32(s2)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q4_0(w, xq, xd, xsum, out):
+    """block_q4_0: d, qs[16]; weight j is the low nibble of qs[j], weight j+16 the high one, minus 8."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                s = _q4_dot(w, r, b, 2, xq, t)
+                acc += _f16(w, r, 0, b) * xd[t, b] * (s - np.float32(8.0) * xsum[t, b])
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q4_1(w, xq, xd, xs, out):
+    """block_q4_1: d, m, qs[16]; weight = d * nibble + m. xs = fp16(dx * sum of codes), as Q8_1 keeps it."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                s = _q4_dot(w, r, b, 4, xq, t)
+                acc += _f16(w, r, 0, b) * xd[t, b] * s + _f16(w, r, 2, b) * xs[t, b]
+            out[t, r] = acc
+
+
+@njit(cache=True, inline="always")
+def _qh32(w, r, k, b) -> np.uint32:
+    return np.uint32(w[r, k, b]) | (np.uint32(w[r, k + 1, b]) << np.uint32(8)) \
+        | (np.uint32(w[r, k + 2, b]) << np.uint32(16)) | (np.uint32(w[r, k + 3, b]) << np.uint32(24))
+
+
+@njit(cache=True, inline="always")
+def _q5_dot(w, r, b, qh, qs, xq, t) -> np.float32:
+    """Sum of the 5-bit codes (nibble | bit of qh << 4) times the activation codes: int16 partial sums of 8."""
+    s = F0
+    for half in range(2):
+        s1 = np.int16(0)
+        s2 = np.int16(0)
+        for i in range(8):
+            j = 8 * half + i
+            v = np.uint32(w[r, qs + j, b])
+            lo = (v & np.uint32(15)) | (((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
+            hi = (v >> np.uint32(4)) | (((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
+            s1 = _i16(s1 + _i16(lo) * xq[t, j, b])
+            s2 = _i16(s2 + _i16(hi) * xq[t, 16 + j, b])
+        s += np.float32(s1) + np.float32(s2)
+    return s
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q5_0(w, xq, xd, xsum, out):
+    """block_q5_0: d, qh (32 high bits), qs[16]; weight = 5-bit code - 16."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                s = _q5_dot(w, r, b, _qh32(w, r, 2, b), 6, xq, t)
+                acc += _f16(w, r, 0, b) * xd[t, b] * (s - np.float32(16.0) * xsum[t, b])
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q5_1(w, xq, xd, xs, out):
+    """block_q5_1: d, m, qh, qs[16]; weight = d * 5-bit code + m."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                s = _q5_dot(w, r, b, _qh32(w, r, 4, b), 8, xq, t)
+                acc += _f16(w, r, 0, b) * xd[t, b] * s + _f16(w, r, 2, b) * xs[t, b]
+            out[t, r] = acc
+
+
+# ---- K-quants (256-weight super-blocks): w (N, block bytes, lanes); xq (T, 256, lanes) int16; xd (T, lanes);
+# xb (T, 16, lanes) the sums of each 16 codes -----------------------------------------------------------------------
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q2_k(w, xq, xd, xb, out):
+    """block_q2_K (84 bytes): scales[16] (low nibble scale, high nibble min), qs[64], d, dmin."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                isum = F0
+                msum = F0
+                for h in range(2):
+                    for k in range(4):
+                        for half in range(2):
+                            sc = w[r, 8 * h + 2 * k + half, b]
+                            e0 = 128 * h + 32 * k + 16 * half
+                            s = np.int16(0)
+                            for l in range(16):
+                                q = (w[r, 16 + 32 * h + 16 * half + l, b] >> (2 * k)) & 3
+                                s = _i16(s + _i16(q) * xq[t, e0 + l, b])
+                            isum += _u8(sc & 15) * np.float32(s)
+                            msum += _u8(sc >> 4) * xb[t, e0 // 16, b]
+                acc += xd[t, b] * (_f16(w, r, 80, b) * isum - _f16(w, r, 82, b) * msum)
+            out[t, r] = acc
+
+
+@njit(cache=True, inline="always")
+def _q3_scale(w, r, b, j) -> np.float32:
+    """6-bit scale j (0..15) of a block_q3_K, minus 32 (scales[12] at byte 96)."""
+    s = 96
+    if j < 4:
+        v = (w[r, s + j, b] & 15) | ((w[r, s + 8 + j, b] & 3) << 4)
+    elif j < 8:
+        v = (w[r, s + j, b] & 15) | (((w[r, s + 4 + j, b] >> 2) & 3) << 4)
+    elif j < 12:
+        v = (w[r, s + j - 8, b] >> 4) | (((w[r, s + j, b] >> 4) & 3) << 4)
+    else:
+        v = (w[r, s + j - 8, b] >> 4) | (((w[r, s + j - 4, b] >> 6) & 3) << 4)
+    return _u8(v) - np.float32(32.0)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q3_k(w, xq, xd, xb, out):
+    """block_q3_K (110 bytes): hmask[32], qs[64], scales[12], d. Weight = 2 low bits + 4 * hmask bit - 4."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                isum = F0
+                for n in range(2):
+                    for j in range(4):
+                        for half in range(2):
+                            e0 = 128 * n + 32 * j + 16 * half
+                            s = np.int16(0)
+                            for l in range(16):
+                                lo = (w[r, 32 + 32 * n + 16 * half + l, b] >> (2 * j)) & 3
+                                hb = (w[r, 16 * half + l, b] >> (4 * n + j)) & 1
+                                s = _i16(s + _i16(lo | (hb << 2)) * xq[t, e0 + l, b])
+                            isum += _q3_scale(w, r, b, 8 * n + 2 * j + half) \
+                                * (np.float32(s) - np.float32(4.0) * xb[t, e0 // 16, b])
+                acc += xd[t, b] * _f16(w, r, 108, b) * isum
+            out[t, r] = acc
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(w, r, b, j):
+    """6-bit scale and min j (0..7) of a block_q4_K/q5_K (scales[12] at byte 4)."""
+    p = 4
+    if j < 4:
+        return _u8(w[r, p + j, b] & 63), _u8(w[r, p + j + 4, b] & 63)
+    sc = (w[r, p + j + 4, b] & 15) | ((w[r, p + j - 4, b] >> 6) << 4)
+    m = (w[r, p + j + 4, b] >> 4) | ((w[r, p + j, b] >> 6) << 4)
+    return _u8(sc), _u8(m)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q4_k(w, xq, xd, xb, out):
+    """block_q4_K (144 bytes): d, dmin, scales[12], qs[128]; weight = d * sc * nibble - dmin * m."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                isum = F0
+                msum = F0
+                for k in range(4):
+                    sc1, m1 = _scale_min_k4(w, r, b, 2 * k)
+                    sc2, m2 = _scale_min_k4(w, r, b, 2 * k + 1)
+                    s1 = F0
+                    s2 = F0
+                    for half in range(2):
+                        p1 = np.int16(0)
+                        p2 = np.int16(0)
+                        for i in range(16):
+                            l = 16 * half + i
+                            v = w[r, 16 + 32 * k + l, b]
+                            p1 = _i16(p1 + _i16(v & 15) * xq[t, 64 * k + l, b])
+                            p2 = _i16(p2 + _i16(v >> 4) * xq[t, 64 * k + 32 + l, b])
+                        s1 += np.float32(p1)
+                        s2 += np.float32(p2)
+                    isum += sc1 * s1 + sc2 * s2
+                    msum += m1 * (xb[t, 4 * k, b] + xb[t, 4 * k + 1, b]) + m2 * (xb[t, 4 * k + 2, b] + xb[t, 4 * k + 3, b])
+                acc += xd[t, b] * (_f16(w, r, 0, b) * isum - _f16(w, r, 2, b) * msum)
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q5_k(w, xq, xd, xb, out):
+    """block_q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]; 5-bit codes, as Q4_K otherwise."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                isum = F0
+                msum = F0
+                for k in range(4):
+                    sc1, m1 = _scale_min_k4(w, r, b, 2 * k)
+                    sc2, m2 = _scale_min_k4(w, r, b, 2 * k + 1)
+                    s1 = F0
+                    s2 = F0
+                    for part in range(4):
+                        p1 = np.int16(0)
+                        p2 = np.int16(0)
+                        for i in range(8):
+                            l = 8 * part + i
+                            v = w[r, 48 + 32 * k + l, b]
+                            h = w[r, 16 + l, b]
+                            p1 = _i16(p1 + _i16((v & 15) | (((h >> (2 * k)) & 1) << 4)) * xq[t, 64 * k + l, b])
+                            p2 = _i16(p2 + _i16((v >> 4) | (((h >> (2 * k + 1)) & 1) << 4)) * xq[t, 64 * k + 32 + l, b])
+                        s1 += np.float32(p1)
+                        s2 += np.float32(p2)
+                    isum += sc1 * s1 + sc2 * s2
+                    msum += m1 * (xb[t, 4 * k, b] + xb[t, 4 * k + 1, b]) + m2 * (xb[t, 4 * k + 2, b] + xb[t, 4 * k + 3, b])
+                acc += xd[t, b] * (_f16(w, r, 0, b) * isum - _f16(w, r, 2, b) * msum)
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def mv_q6_k(w, xq, xd, xb, out):
+    """block_q6_K (210 bytes): ql[128], qh[64], scales[16] (int8), d; weight = d * sc * (6-bit code - 32).
+    The codes are recentred to -32..31 in int16, so partial sums of 8 stay within int16."""
+    N, nbp = w.shape[0], w.shape[2]
+    T = xq.shape[0]
+    for r in prange(N):
+        for t in range(T):
+            acc = F0
+            for b in range(nbp):
+                isum = F0
+                for n in range(2):
+                    for half in range(2):
+                        e0 = 128 * n + 16 * half
+                        s1 = F0
+                        s2 = F0
+                        s3 = F0
+                        s4 = F0
+                        for part in range(2):
+                            p1 = np.int16(0)
+                            p2 = np.int16(0)
+                            p3 = np.int16(0)
+                            p4 = np.int16(0)
+                            for i in range(8):
+                                l = 16 * half + 8 * part + i
+                                e = e0 + 8 * part + i
+                                a = w[r, 64 * n + l, b]
+                                c = w[r, 64 * n + 32 + l, b]
+                                h = w[r, 128 + 32 * n + l, b]
+                                p1 = _i16(p1 + _i16(_i16((a & 15) | ((h & 3) << 4)) - 32) * xq[t, e, b])
+                                p2 = _i16(p2 + _i16(_i16((c & 15) | (((h >> 2) & 3) << 4)) - 32) * xq[t, e + 32, b])
+                                p3 = _i16(p3 + _i16(_i16((a >> 4) | (((h >> 4) & 3) << 4)) - 32) * xq[t, e + 64, b])
+                                p4 = _i16(p4 + _i16(_i16((c >> 4) | (((h >> 6) & 3) << 4)) - 32) * xq[t, e + 96, b])
+                            s1 += np.float32(p1)
+                            s2 += np.float32(p2)
+                            s3 += np.float32(p3)
+                            s4 += np.float32(p4)
+                        sp = 192 + 8 * n + half
+                        isum += np.float32(np.int8(w[r, sp, b])) * s1 + np.float32(np.int8(w[r, sp + 2, b])) * s2 \
+                            + np.float32(np.int8(w[r, sp + 4, b])) * s3 + np.float32(np.int8(w[r, sp + 6, b])) * s4
+                acc += xd[t, b] * _f16(w, r, 208, b) * isum
+            out[t, r] = acc
+
+
+_BLOCK32 = (mv_q8_0, mv_q4_0, mv_q4_1, mv_q5_0, mv_q5_1)
