@@ -37,17 +37,22 @@ def _load_f32(src, h, p, dst):
 
 
 @njit(cache=True, inline="always")
+def _load(kind, src, scales, h, p, dst):
+    if kind == 0:
+        _load_f16(src, h, p, dst)
+    elif kind == 1:
+        _load_q8_0(src, scales, h, p, dst)
+    else:
+        _load_f32(src, h, p, dst)
+
+
+@njit(cache=True, inline="always")
 def _attend_head(q, h, k_row, v_row, kind, k, ks, v, vs, n, pos0, T, scale, out):
     """One KV head: every row of K and V is converted once, for all the queries that share it."""
     rows = q.shape[1]
     s = np.empty((rows, n), np.float32)
     for p in range(n):
-        if kind == 0:
-            _load_f16(k, h, p, k_row)
-        elif kind == 1:
-            _load_q8_0(k, ks, h, p, k_row)
-        else:
-            _load_f32(k, h, p, k_row)
+        _load(kind, k, ks, h, p, k_row)
         for i in range(rows):
             acc = F0
             for d in range(k_row.shape[0]):
@@ -69,12 +74,7 @@ def _attend_head(q, h, k_row, v_row, kind, k, ks, v, vs, n, pos0, T, scale, out)
         for d in range(v_row.shape[0]):
             out[h, i, d] = F0
     for p in range(n):
-        if kind == 0:
-            _load_f16(v, h, p, v_row)
-        elif kind == 1:
-            _load_q8_0(v, vs, h, p, v_row)
-        else:
-            _load_f32(v, h, p, v_row)
+        _load(kind, v, vs, h, p, v_row)
         for i in range(rows):
             w = s[i, p]
             for d in range(v_row.shape[0]):
