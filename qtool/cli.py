@@ -161,6 +161,8 @@ def main() -> None:
     except OSError as e:
         _err(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
         code = 1
+    # the outcome is decided: a Ctrl-C now would only kill the interpreter's shutdown (exit by signal, no message)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)
 
 
