@@ -7,8 +7,8 @@ whole block with straight-line code, and the per-row sum stays in vector registe
 stored layout the vectorized loop would run over the 32 weights of one block and end every block with a
 horizontal sum, which measured 2-5x slower. The bytes are the file's bytes, only reordered, so the math is
 exactly that of the stored layout (see matmul.py): per block, an exact integer dot of codes times both scales.
-Row lengths are padded to a multiple of LANES blocks with zero blocks (scale 0), so no lane count leaves a
-scalar remainder loop.
+Row lengths are padded to a multiple of LANES blocks with zero blocks (scale 0), so that short rows (8 K-quant
+super-blocks for 2048 weights) still fill a vector.
 
 The activations come as planes too (`Act.planes`): codes (T, elements per block, blocks), scales (T, blocks),
 and per block the sum of the codes (32-weight types: to move the types' constant offsets, -8 for Q4_0, out of
