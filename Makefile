@@ -1,4 +1,5 @@
 # qtool: `make demo` (install, then convert, inspect and run the bundled sample) and `make test`.
+HERE := $(dir $(abspath $(lastword $(MAKEFILE_LIST))))
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 QTOOL := $(PYTHON) -m qtool
@@ -38,7 +39,8 @@ clean:
 # Batch conversion: for a checkpoint folder models/foo/ (config.json + safetensors),
 #   make -j4 models/foo.Q4_K_M.gguf models/foo.Q8_0.gguf models/bar.Q4_K_M.gguf
 # converts each in its own process; outputs appear only when complete, and a failure stops make with its error.
-QTYPES := F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K
+# the --type names, read from formats/constants.py's FILE_TYPES (stdlib only: no install, no numba compile needed)
+QTYPES := $(shell $(PYTHON) -c "import runpy; print(*runpy.run_path('$(HERE)formats/constants.py')['FILE_TYPES'])")
 define QTYPE_RULE
 %.$(1).gguf: %/config.json
 	$$(QTOOL) convert $$* -o $$@ --type $(1) --quiet

@@ -1,12 +1,13 @@
-"""GGUF and ggml format facts, in one table each.
+"""GGUF and ggml format facts, in one table each: value types, tensor types, file types, metadata keys, tensor
+names, token types.
 
-Sources: ggml-org/ggml docs/gguf.md and gguf-py's constants.py. Every reader, writer, kernel and recipe looks
-these up here rather than repeating numbers.
+Sources: ggml-org/ggml docs/gguf.md and gguf-py's constants.py. Every reader, writer, kernel, recipe and the runner
+look these up here rather than repeating numbers or spelling a key.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, auto
 
 GGUF_MAGIC = 0x46554747  # b"GGUF" read as little-endian uint32
 GGUF_VERSION = 3
@@ -162,3 +163,167 @@ def tensor_nbytes(ggml_type: GGMLType, n_elements: int) -> int:
     if n_elements % info.block_size:
         raise ValueError(f"{n_elements} elements are not a whole number of {ggml_type.name} blocks")
     return n_elements // info.block_size * info.type_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metadata keys (gguf-py's Keys; llama.cpp's LLM_KV_NAMES). "{arch}" is general.architecture: fill it with arch_key.
+# ---------------------------------------------------------------------------------------------------------------
+
+class Keys:
+    class General:
+        ARCHITECTURE = "general.architecture"
+        QUANTIZATION_VERSION = "general.quantization_version"
+        ALIGNMENT = "general.alignment"
+        FILE_TYPE = "general.file_type"
+        TYPE = "general.type"
+        NAME = "general.name"
+        VERSION = "general.version"
+        ORGANIZATION = "general.organization"
+        FINETUNE = "general.finetune"
+        BASENAME = "general.basename"
+        SIZE_LABEL = "general.size_label"
+        SAMPLING_SEQUENCE = "general.sampling.sequence"
+        SAMPLING_TOP_K = "general.sampling.top_k"
+        SAMPLING_TOP_P = "general.sampling.top_p"
+        SAMPLING_MIN_P = "general.sampling.min_p"
+        SAMPLING_XTC_PROBABILITY = "general.sampling.xtc_probability"
+        SAMPLING_XTC_THRESHOLD = "general.sampling.xtc_threshold"
+        SAMPLING_TEMP = "general.sampling.temp"
+        SAMPLING_PENALTY_LAST_N = "general.sampling.penalty_last_n"
+        SAMPLING_PENALTY_REPEAT = "general.sampling.penalty_repeat"
+        SAMPLING_MIROSTAT = "general.sampling.mirostat"
+        SAMPLING_MIROSTAT_TAU = "general.sampling.mirostat_tau"
+        SAMPLING_MIROSTAT_ETA = "general.sampling.mirostat_eta"
+
+    class LLM:
+        VOCAB_SIZE = "{arch}.vocab_size"
+        CONTEXT_LENGTH = "{arch}.context_length"
+        EMBEDDING_LENGTH = "{arch}.embedding_length"
+        BLOCK_COUNT = "{arch}.block_count"
+        FEED_FORWARD_LENGTH = "{arch}.feed_forward_length"
+        EXPERT_COUNT = "{arch}.expert_count"
+        EXPERT_USED_COUNT = "{arch}.expert_used_count"
+        EXPERT_FEED_FORWARD_LENGTH = "{arch}.expert_feed_forward_length"
+
+    class Attention:
+        HEAD_COUNT = "{arch}.attention.head_count"
+        HEAD_COUNT_KV = "{arch}.attention.head_count_kv"
+        KEY_LENGTH = "{arch}.attention.key_length"
+        VALUE_LENGTH = "{arch}.attention.value_length"
+        LAYERNORM_EPS = "{arch}.attention.layer_norm_epsilon"
+        LAYERNORM_RMS_EPS = "{arch}.attention.layer_norm_rms_epsilon"
+
+    class Rope:
+        DIMENSION_COUNT = "{arch}.rope.dimension_count"
+        FREQ_BASE = "{arch}.rope.freq_base"
+        SCALING_TYPE = "{arch}.rope.scaling.type"
+        SCALING_FACTOR = "{arch}.rope.scaling.factor"
+        SCALING_ORIG_CTX_LEN = "{arch}.rope.scaling.original_context_length"
+
+    class Tokenizer:
+        MODEL = "tokenizer.ggml.model"
+        PRE = "tokenizer.ggml.pre"
+        LIST = "tokenizer.ggml.tokens"
+        TOKEN_TYPE = "tokenizer.ggml.token_type"
+        SCORES = "tokenizer.ggml.scores"
+        MERGES = "tokenizer.ggml.merges"
+        BOS_ID = "tokenizer.ggml.bos_token_id"
+        EOS_ID = "tokenizer.ggml.eos_token_id"
+        UNK_ID = "tokenizer.ggml.unknown_token_id"
+        SEP_ID = "tokenizer.ggml.seperator_token_id"  # sic: llama.cpp's spelling
+        PAD_ID = "tokenizer.ggml.padding_token_id"
+        MASK_ID = "tokenizer.ggml.mask_token_id"
+        EOT_ID = "tokenizer.ggml.eot_token_id"
+        EOM_ID = "tokenizer.ggml.eom_token_id"
+        ADD_BOS = "tokenizer.ggml.add_bos_token"
+        ADD_EOS = "tokenizer.ggml.add_eos_token"
+        ADD_SEP = "tokenizer.ggml.add_sep_token"
+        ADD_PREFIX = "tokenizer.ggml.add_space_prefix"
+        NORMALIZER_LOWERCASE = "tokenizer.ggml.normalizer.lowercase"
+        NORMALIZER_STRIP_ACCENTS = "tokenizer.ggml.normalizer.strip_accents"
+        CHAT_TEMPLATE = "tokenizer.chat_template"
+        CHAT_TEMPLATE_N = "tokenizer.chat_template.{name}"  # named extra templates
+        CHAT_TEMPLATES = "tokenizer.chat_templates"  # their names
+
+    class Quantize:  # written by llama-quantize (tools/quantize/quantize.cpp) when an importance matrix is used
+        IMATRIX_FILE = "quantize.imatrix.file"
+        IMATRIX_DATASET = "quantize.imatrix.dataset"
+        IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
+        IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
+
+    class IMatrix:  # keys of a GGUF imatrix file (llama-imatrix --output-format gguf)
+        CHUNK_COUNT = "imatrix.chunk_count"
+        CHUNK_SIZE = "imatrix.chunk_size"
+        DATASETS = "imatrix.datasets"
+        # its tensors, per weight tensor <name>: summed squared activations, and how many tokens were summed
+        SUM2_TENSOR = "{name}.in_sum2"
+        COUNTS_TENSOR = "{name}.counts"
+
+
+def arch_key(template: str, arch: str) -> str:
+    """Keys.LLM.BLOCK_COUNT, "llama" → "llama.block_count"."""
+    return template.format(arch=arch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensor names (gguf-py's MODEL_TENSOR and TENSOR_NAMES). "{bid}" is the block (layer) number.
+# ---------------------------------------------------------------------------------------------------------------
+
+class ModelTensor(IntEnum):
+    TOKEN_EMBD = auto()
+    OUTPUT_NORM = auto()
+    OUTPUT = auto()
+    ROPE_FREQS = auto()
+    ATTN_NORM = auto()
+    ATTN_Q = auto()
+    ATTN_K = auto()
+    ATTN_V = auto()
+    ATTN_OUT = auto()
+    FFN_NORM = auto()
+    FFN_GATE = auto()
+    FFN_UP = auto()
+    FFN_DOWN = auto()
+    FFN_GATE_INP = auto()  # mixture-of-experts router
+    FFN_GATE_EXP = auto()
+    FFN_UP_EXP = auto()
+    FFN_DOWN_EXP = auto()
+
+
+TENSOR_NAMES: dict[ModelTensor, str] = {
+    ModelTensor.TOKEN_EMBD: "token_embd",
+    ModelTensor.OUTPUT_NORM: "output_norm",
+    ModelTensor.OUTPUT: "output",
+    ModelTensor.ROPE_FREQS: "rope_freqs",
+    ModelTensor.ATTN_NORM: "blk.{bid}.attn_norm",
+    ModelTensor.ATTN_Q: "blk.{bid}.attn_q",
+    ModelTensor.ATTN_K: "blk.{bid}.attn_k",
+    ModelTensor.ATTN_V: "blk.{bid}.attn_v",
+    ModelTensor.ATTN_OUT: "blk.{bid}.attn_output",
+    ModelTensor.FFN_NORM: "blk.{bid}.ffn_norm",
+    ModelTensor.FFN_GATE: "blk.{bid}.ffn_gate",
+    ModelTensor.FFN_UP: "blk.{bid}.ffn_up",
+    ModelTensor.FFN_DOWN: "blk.{bid}.ffn_down",
+    ModelTensor.FFN_GATE_INP: "blk.{bid}.ffn_gate_inp",
+    ModelTensor.FFN_GATE_EXP: "blk.{bid}.ffn_gate_exps",
+    ModelTensor.FFN_UP_EXP: "blk.{bid}.ffn_up_exps",
+    ModelTensor.FFN_DOWN_EXP: "blk.{bid}.ffn_down_exps",
+}
+
+
+def tensor_name(kind: ModelTensor, bid: int | None = None, suffix: str = "weight") -> str:
+    """ModelTensor.ATTN_Q, 3 → "blk.3.attn_q.weight"; suffix "bias" for biases, "" for the bare name."""
+    name = TENSOR_NAMES[kind].format(bid=bid) if bid is not None else TENSOR_NAMES[kind]
+    if "{bid}" in name:
+        raise ValueError(f"{kind.name} is per block: give its block number")
+    return f"{name}.{suffix}" if suffix else name
+
+
+class TokenType(IntEnum):
+    """llama.cpp's llama_token_type, stored in tokenizer.ggml.token_type."""
+    UNDEFINED = 0
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6

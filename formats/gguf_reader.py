@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from qtool.errors import QtoolError
-from qtool.formats.constants import (GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, TYPE_INFO, VALUE_DTYPES, GGMLType,
+from qtool.formats.constants import (GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, TYPE_INFO, VALUE_DTYPES, GGMLType, Keys,
                                      ValueType)
 
 MAX_DIMS = 4
@@ -151,8 +151,8 @@ class GGUFFile:
             self.fields[key] = self._value(vtype, f"metadata {key!r}")
 
         self.alignment = GGUF_DEFAULT_ALIGNMENT
-        if "general.alignment" in self.fields:
-            align = self.fields["general.alignment"].value
+        if Keys.General.ALIGNMENT in self.fields:
+            align = self.fields[Keys.General.ALIGNMENT].value
             if not isinstance(align, int) or align <= 0 or align % 8:
                 raise self._fail(f"general.alignment {align!r} is not a positive multiple of 8")
             self.alignment = align

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qtool.errors import QtoolError
-from qtool.formats.constants import (GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, VALUE_DTYPES, GGMLType,
+from qtool.formats.constants import (GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, VALUE_DTYPES, GGMLType, Keys,
                                      ValueType, tensor_nbytes)
 
 
@@ -80,7 +80,7 @@ class GGUFWriter:
         self._fh = None
         self._tmp: Path | None = None
         if alignment != GGUF_DEFAULT_ALIGNMENT:
-            self.add("general.alignment", alignment, ValueType.UINT32)
+            self.add(Keys.General.ALIGNMENT, alignment, ValueType.UINT32)
 
     # ---- declarations --------------------------------------------------------------------------------------
     def add(self, key: str, value: Any, vtype: ValueType, elem_type: ValueType | None = None) -> None:

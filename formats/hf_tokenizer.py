@@ -2,7 +2,8 @@
 
 SentencePiece `tokenizer.model` → tokenizer.ggml.model "llama" (tokens, scores, token types);
 byte-level BPE `tokenizer.json` → "gpt2" (tokens, merges, types, and the pre-tokenizer name llama.cpp expects).
-Special token ids, add_bos/add_eos and the chat template come from the tokenizer and model configs.
+Special token ids, add_bos/add_sep/add_eos and the chat template are found, and written in the order, as
+gguf-py's SpecialVocab does (tokenizer.json's post-processor, tokenizer_config.json, config.json).
 """
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from qtool.errors import QtoolError
-from qtool.formats.constants import ValueType
+from qtool.formats.constants import Keys, TokenType, ValueType
 
-
-class TokenType:  # llama.cpp's llama_token_type
-    NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+KT = Keys.Tokenizer
 
 
 # byte-level BPE pre-tokenizer split patterns of known model families → llama.cpp's pre-tokenizer name
@@ -40,29 +39,32 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QtoolError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise QtoolError(f"{path}: not a JSON object")
+    return data
 
 
-def tokenizer_metadata(folder: Path, config: dict) -> TokenizerMeta:
+def tokenizer_metadata(folder: Path, config: dict, space_prefix: bool = False) -> TokenizerMeta:
+    """The tokenizer entries in convert_hf_to_gguf.py's order. `space_prefix`: write tokenizer_config.json's
+    add_prefix_space as tokenizer.ggml.add_space_prefix first, as llama.cpp's LlamaModel does."""
     folder = Path(folder)
     tok_cfg = _read_json(folder / "tokenizer_config.json")
-    jinja = folder / "chat_template.jinja"  # where transformers >= 4.43 saves the template
-    if not tok_cfg.get("chat_template") and jinja.is_file():
-        try:
-            tok_cfg = {**tok_cfg, "chat_template": jinja.read_text(encoding="utf-8")}
-        except (OSError, UnicodeDecodeError) as e:
-            raise QtoolError(f"{jinja}: cannot read as UTF-8 text ({e})") from None
     tok_json = _read_json(folder / "tokenizer.json")
     meta = TokenizerMeta()
+    if space_prefix and tok_cfg.get("add_prefix_space") is not None:
+        meta.add(KT.ADD_PREFIX, bool(tok_cfg["add_prefix_space"]), ValueType.BOOL)
     if (folder / "tokenizer.model").is_file():
         tokens = _sentencepiece(folder / "tokenizer.model", config, tok_cfg, meta)
+        n_vocab: int | None = len(tokens)
     elif tok_json.get("model", {}).get("type") == "BPE":
-        tokens = _byte_level_bpe(tok_json, config, tok_cfg, meta)
+        _byte_level_bpe(tok_json, config, tok_cfg, meta)
+        n_vocab = None  # llama.cpp's BPE path does not bound the special ids
     else:
         raise QtoolError(f"{folder}: no tokenizer.model (SentencePiece) or byte-level BPE tokenizer.json")
-    _special_tokens(tokens, config, tok_cfg, tok_json, meta)
+    _special_vocab(folder, config, tok_cfg, tok_json, n_vocab, meta)
     return meta
 
 
@@ -92,13 +94,11 @@ def _sentencepiece(path: Path, config: dict, tok_cfg: dict, meta: TokenizerMeta)
         tokens[i] = tok["content"]
         scores[i] = -1000.0
         types[i] = TokenType.CONTROL if tok.get("special") else TokenType.USER_DEFINED
-    meta.add("tokenizer.ggml.model", "llama", ValueType.STRING)
-    meta.add("tokenizer.ggml.pre", "default", ValueType.STRING)
-    meta.add("tokenizer.ggml.tokens", tokens, ValueType.ARRAY, ValueType.STRING)
-    meta.add("tokenizer.ggml.scores", scores, ValueType.ARRAY, ValueType.FLOAT32)
-    meta.add("tokenizer.ggml.token_type", types, ValueType.ARRAY, ValueType.INT32)
-    if sp.unk_id() >= 0:
-        meta.add("tokenizer.ggml.unknown_token_id", sp.unk_id(), ValueType.UINT32)
+    meta.add(KT.MODEL, "llama", ValueType.STRING)
+    meta.add(KT.PRE, "default", ValueType.STRING)
+    meta.add(KT.LIST, tokens, ValueType.ARRAY, ValueType.STRING)
+    meta.add(KT.SCORES, scores, ValueType.ARRAY, ValueType.FLOAT32)
+    meta.add(KT.TOKEN_TYPE, types, ValueType.ARRAY, ValueType.INT32)
     return tokens
 
 
@@ -138,57 +138,191 @@ def _byte_level_bpe(tok_json: dict, config: dict, tok_cfg: dict, meta: Tokenizer
         else:
             tokens.append(by_id[i])
             types.append(TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    meta.add("tokenizer.ggml.model", "gpt2", ValueType.STRING)
-    meta.add("tokenizer.ggml.pre", _pre_tokenizer_name(tok_json, meta), ValueType.STRING)
-    meta.add("tokenizer.ggml.tokens", tokens, ValueType.ARRAY, ValueType.STRING)
-    meta.add("tokenizer.ggml.token_type", types, ValueType.ARRAY, ValueType.INT32)
-    meta.add("tokenizer.ggml.merges", merges, ValueType.ARRAY, ValueType.STRING)
+    # pairs (tokenizers >= 0.20) joined by a space, a space inside a part written as U+0120 as gguf-py does
+    merges = [m if isinstance(m, str) else " ".join(part.replace(" ", "\u0120") for part in m)
+              for m in model.get("merges", [])]
+    meta.add(KT.MODEL, "gpt2", ValueType.STRING)
+    meta.add(KT.PRE, _pre_tokenizer_name(tok_json, meta), ValueType.STRING)
+    meta.add(KT.LIST, tokens, ValueType.ARRAY, ValueType.STRING)
+    meta.add(KT.TOKEN_TYPE, types, ValueType.ARRAY, ValueType.INT32)
+    meta.add(KT.MERGES, merges, ValueType.ARRAY, ValueType.STRING)
     return tokens
 
 
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):  # {"content": "<s>", ...} in older tokenizer configs
-        return value.get("content")
-    return value
+# gguf-py's SpecialVocab: which special-token roles it looks for, and the key each id is written under (roles
+# without a key, like cls, are read and dropped, as gguf-py does)
+SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+SPECIAL_ID_KEYS = {"bos": KT.BOS_ID, "eos": KT.EOS_ID, "unk": KT.UNK_ID, "sep": KT.SEP_ID, "pad": KT.PAD_ID,
+                   "mask": KT.MASK_ID, "eot": KT.EOT_ID, "eom": KT.EOM_ID}
+ADD_TOKEN_KEYS = {"bos": KT.ADD_BOS, "eos": KT.ADD_EOS, "sep": KT.ADD_SEP}
 
 
-def _bos_in_post_processor(tok_json: dict, bos: str | None) -> bool | None:
-    post = tok_json.get("post_processor") or {}
-    procs = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
-    for p in procs:
-        if p.get("type") == "TemplateProcessing":
-            single = p.get("single", [])
-            return bool(single) and "SpecialToken" in single[0] and single[0]["SpecialToken"]["id"] == bos
+def _special_id(typ: str, tid: Any, n_vocab: int | None, ids: dict[str, int]) -> None:
+    if isinstance(tid, int) and not isinstance(tid, bool) and tid >= 0 and (n_vocab is None or tid < n_vocab):
+        ids.setdefault(typ, tid)  # the first source that names a role wins
+
+
+def _post_processor_flags(tok_json: dict, tok_cfg: dict | None, types: list[str], add: dict[str, bool]) -> None:
+    """gguf-py's crude reading of tokenizers' post-processor: which of bos/eos/sep a sequence gets. It also
+    rewrites tok_cfg's bos/eos/cls/sep/eot/eom names as gguf-py does, which later decides their ids."""
+    cfg = tok_cfg or {}
+    bos, cls, eos, sep = cfg.get("bos_token"), cfg.get("cls_token"), cfg.get("eos_token"), cfg.get("sep_token")
+    if not bos and cls and tok_cfg:
+        tok_cfg["bos_token"] = bos = cls
+    if not eos and sep and tok_cfg:
+        tok_cfg["eos_token"] = eos = sep
+    post = tok_json.get("post_processor")
+    if not post:
+        return
+    for proc in post.get("processors", [post]):
+        kind = proc.get("type")
+        if kind == "ByteLevel":
+            add.setdefault("bos", False)
+            add.setdefault("eos", False)
+        elif kind == "RobertaProcessing":
+            add.update(bos=True, eos=True, sep=True)
+            if not cls and tok_cfg:
+                tok_cfg["cls_token"] = cls = proc.get("cls", [bos])[0]
+            if not sep and tok_cfg:
+                tok_cfg["sep_token"] = sep = proc.get("sep", [eos])[0]
+        elif kind == "TemplateProcessing":
+            single, pair = proc.get("single", []), proc.get("pair", [])
+            first = last = None
+            if len(single) > 1:
+                if first := single[0].get("SpecialToken", {}).get("id"):
+                    if not tok_cfg:
+                        bos = first
+                    elif first not in (bos, cls):
+                        if not bos:
+                            tok_cfg["bos_token"] = bos = first
+                        if not cls:
+                            tok_cfg["cls_token"] = cls = first
+                    add["bos"] = first in (bos, cls)
+                if last := single[-1].get("SpecialToken", {}).get("id"):
+                    if not tok_cfg:
+                        eos = last
+                    elif last != eos:
+                        for extra in ("eot", "eom"):
+                            if extra not in types:
+                                types.append(extra)
+                                tok_cfg[f"{extra}_token"] = eos
+                                break
+                        tok_cfg["eos_token"] = eos = last
+                    add["eos"] = last == eos
+            if pair:
+                start = 1 if first and pair[0].get("SpecialToken", {}).get("id") == first else 0
+                stop = -1 if last and pair[-1].get("SpecialToken", {}).get("id") == last else None
+                pair = pair[start:stop]
+                if pair and pair[0].get("Sequence", {}).get("id") == "A" and pair[-1].get("Sequence", {}).get(
+                        "id") == "B" and (middle := pair[1:-1]):
+                    add_sep = False
+                    entry = middle[0].get("SpecialToken", {}).get("id")
+                    if entry and entry in (sep, eos) and not last:
+                        add_sep = True
+                    if len(middle) == 2:
+                        entry = middle[1].get("SpecialToken", {}).get("id")
+                        if entry and entry in (sep, eos):
+                            add_sep = True
+                    add["sep"] = add_sep
+                    if add_sep and not sep and tok_cfg:
+                        tok_cfg["sep_token"] = eos
+
+
+def _chat_template(folder: Path) -> Any:
+    """chat_template.jinja (where transformers >= 4.43 saves it; named extras beside it) or chat_template.json."""
+    def read(path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise QtoolError(f"{path}: cannot read as UTF-8 text ({e})") from None
+
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        template: Any = read(jinja)
+        extras = sorted((folder / "additional_chat_templates").glob("*.jinja"))
+        if extras:
+            template = [{"name": "default", "template": template}] + [
+                {"name": p.stem, "template": read(p)} for p in extras]
+        return template
+    if (folder / "chat_template.json").is_file():
+        return _read_json(folder / "chat_template.json").get("chat_template")
     return None
 
 
-def _special_tokens(tokens: list[str], config: dict, tok_cfg: dict, tok_json: dict, meta: TokenizerMeta) -> None:
-    index = {t: i for i, t in enumerate(tokens)}
-    n = len(tokens)
-    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
-        text = _token_text(tok_cfg.get(f"{role}_token"))
-        tid = index.get(text) if text is not None else None
-        if tid is None:
-            cfg_id = config.get(f"{role}_token_id")
-            if isinstance(cfg_id, list):  # several eos ids (Llama 3.1): llama.cpp takes the first
-                cfg_id = cfg_id[0] if cfg_id else None
-            tid = cfg_id if isinstance(cfg_id, int) and 0 <= cfg_id < n else None
-        if tid is not None:
-            meta.add(f"tokenizer.ggml.{key}", int(tid), ValueType.UINT32)
-    if not any(k == "tokenizer.ggml.unknown_token_id" for k, *_ in meta.entries):
-        unk = index.get(_token_text(tok_cfg.get("unk_token")))
-        if unk is not None:
-            meta.add("tokenizer.ggml.unknown_token_id", unk, ValueType.UINT32)
-    add_bos = tok_cfg.get("add_bos_token")
-    if add_bos is None:
-        add_bos = _bos_in_post_processor(tok_json, _token_text(tok_cfg.get("bos_token")))
-    if add_bos is not None:
-        meta.add("tokenizer.ggml.add_bos_token", bool(add_bos), ValueType.BOOL)
-    if tok_cfg.get("add_eos_token") is not None:
-        meta.add("tokenizer.ggml.add_eos_token", bool(tok_cfg["add_eos_token"]), ValueType.BOOL)
-    template = tok_cfg.get("chat_template")
-    if isinstance(template, list):  # named templates: llama.cpp keeps the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if isinstance(template, str) and template:
-        meta.add("tokenizer.chat_template", template, ValueType.STRING)
+def _special_vocab(folder: Path, config: dict, tok_cfg: dict, tok_json: dict, n_vocab: int | None,
+                   meta: TokenizerMeta) -> None:
+    """Special token ids, add_{bos,sep,eos}_token and the chat template, found and ordered as gguf-py's
+    SpecialVocab finds them: the post-processor, then tokenizer_config.json (ids of its named tokens among
+    tokenizer.json's added tokens), then config.json's *_token_id."""
+    tok_cfg = json.loads(json.dumps(tok_cfg)) if tok_cfg else None  # rewritten below, as gguf-py does
+    types = list(SPECIAL_TYPES)
+    ids: dict[str, int] = {}
+    add: dict[str, bool] = {}
+    if tok_json:
+        _post_processor_flags(tok_json, tok_cfg, types, add)
+    template = None
+    if tok_cfg:
+        template = tok_cfg.get("chat_template", _chat_template(folder))
+        added = tok_json.get("added_tokens", []) if tok_json else []
+        for typ in types:
+            flag = tok_cfg.get(f"add_{typ}_token")
+            if isinstance(flag, bool):
+                add.setdefault(typ, flag)  # the post-processor wins on a mismatch
+            entry = tok_cfg.get(f"{typ}_token")
+            text = entry.get("content") if isinstance(entry, dict) else entry
+            if isinstance(text, str):
+                _special_id(typ, next((t.get("id") for t in added if t.get("content") == text), None), n_vocab, ids)
+    for typ in types:
+        tid = config.get(f"{typ}_token_id")
+        if tid is None and "text_config" in config:
+            tid = config["text_config"].get(f"{typ}_token_id")
+        _special_id(typ, tid, n_vocab, ids)
+    for typ, tid in ids.items():
+        if typ in SPECIAL_ID_KEYS:
+            meta.add(SPECIAL_ID_KEYS[typ], tid, ValueType.UINT32)
+    for typ, value in add.items():
+        if typ in ADD_TOKEN_KEYS:
+            meta.add(ADD_TOKEN_KEYS[typ], value, ValueType.BOOL)
+    _add_chat_template(template, meta)
+    flags: dict[str, bool] = {}
+    _normalizer_flags((tok_json or {}).get("normalizer") or {}, flags)
+    for key in (KT.NORMALIZER_LOWERCASE, KT.NORMALIZER_STRIP_ACCENTS):
+        if key in flags:
+            meta.add(key, flags[key], ValueType.BOOL)
+
+
+def _normalizer_flags(normalizer: dict, flags: dict[str, bool]) -> None:
+    kind = normalizer.get("type")
+    if kind == "Lowercase":
+        flags[KT.NORMALIZER_LOWERCASE] = True
+    elif kind == "StripAccents":
+        flags[KT.NORMALIZER_STRIP_ACCENTS] = True
+    elif kind == "BertNormalizer":
+        for flag, key in (("lowercase", KT.NORMALIZER_LOWERCASE), ("strip_accents", KT.NORMALIZER_STRIP_ACCENTS)):
+            if flag in normalizer:
+                flags[key] = bool(normalizer[flag])
+    elif kind == "Sequence":
+        for n in normalizer.get("normalizers", []):
+            _normalizer_flags(n, flags)
+
+
+def _add_chat_template(template: Any, meta: TokenizerMeta) -> None:
+    """gguf-py's add_chat_template: a list of named templates becomes one key per name plus the list of names
+    (sorted here: gguf-py iterates a set, so its order varies from run to run) and the default one."""
+    if isinstance(template, list):
+        named, default = {}, None
+        for choice in template:
+            name = "".join(c if c.isascii() and c.isalnum() else "_" for c in choice.get("name", ""))
+            if name and choice.get("template") is not None:
+                if name == "default":
+                    default = choice["template"]
+                else:
+                    named[name] = choice["template"]
+        for name, text in named.items():
+            if text:
+                meta.add(KT.CHAT_TEMPLATE_N.format(name=name), text, ValueType.STRING)
+        if named:
+            meta.add(KT.CHAT_TEMPLATES, sorted(named), ValueType.ARRAY, ValueType.STRING)
+        template = default
+    if isinstance(template, str) and template:  # gguf-py writes no empty strings
+        meta.add(KT.CHAT_TEMPLATE, template, ValueType.STRING)

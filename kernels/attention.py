@@ -11,9 +11,15 @@ for F16, int8 codes for Q8_0 with uint16 fp16 scales (Hkv, n_ctx, hd / 32), floa
 import numpy as np
 from numba import njit, prange
 
-from .matvec import h2f
+from .common import h2f
 
 F0 = np.float32(0.0)
+
+# How `attend` reads the cache (its `kind` argument). These are KV storage layouts, not ggml type codes: the
+# other kernel files' small integers mean something else, so callers use these names.
+KV_F16 = 0  # K, V: fp16 bits as uint16
+KV_Q8_0 = 1  # K, V: int8 codes; ks, vs: fp16 scale bits (uint16) per 32
+KV_F32 = 2  # K, V: float32; ks, vs: unused (pass K, V again)
 
 
 @njit(cache=True, inline="always")
@@ -38,9 +44,9 @@ def _load_f32(src, h, p, dst):
 
 @njit(cache=True, inline="always")
 def _load(kind, src, scales, h, p, dst):
-    if kind == 0:
+    if kind == KV_F16:
         _load_f16(src, h, p, dst)
-    elif kind == 1:
+    elif kind == KV_Q8_0:
         _load_q8_0(src, scales, h, p, dst)
     else:
         _load_f32(src, h, p, dst)
@@ -83,7 +89,7 @@ def _attend_head(q, h, k_row, v_row, kind, k, ks, v, vs, n, pos0, T, scale, out)
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
 def attend(q, kind, k, ks, v, vs, n, pos0, T, scale, out):
-    """kind 0: K, V F16 bits; 1: Q8_0 codes with fp16 scale bits ks, vs; 2: float32 (ks, vs unused)."""
+    """Attention of q over cache positions 0..n-1; `kind` is KV_F16, KV_Q8_0 or KV_F32 (see above)."""
     for h in prange(q.shape[0]):
         k_row = np.empty(q.shape[2], np.float32)
         v_row = np.empty(out.shape[2], np.float32)

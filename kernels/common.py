@@ -1,8 +1,17 @@
-"""Scalar helpers shared by every kernel: ggml's rounding and fp16 encoding, bit for bit.
+"""Numerics shared by every kernel: ggml's rounding and fp16/bf16 conversion, bit for bit, written once.
 
 They run inside numba kernels. Rounding works on exact float64 arithmetic (every float32 value is exact in
 float64); fp16 conversion works on float32 bit patterns (numba views scalars), which keeps it cheap enough to
-run once per block. Both are identical to ggml's C code.
+run once per block. All are identical to ggml's C code.
+
+Deliberate variants, each for a reason:
+- rounding: `roundf` (C's, halves away from zero) is what the reference quantizers (quantize_row_q8_0_ref ...)
+  use; `round_half_even`/`nearest_int` is ggml's nearest_int() and what llama.cpp's AVX code does when it
+  quantizes activations (matmul.quantize_act_q8_0 uses np.rint, the same rounding, so it vectorizes).
+- fp16 → float32: `fp16_value` branches and keeps NaN payloads exactly (codecs, once per block); `h2f` is
+  branch-free so that loops over it vectorize (decode kernels, attention), equal to it on every input.
+- float32 → fp16/bf16 over whole arrays (activations): `round_f16`, `round_bf16` in numpy; kernels/convert.py
+  has its own integer ports of numpy's conversions, which it must match bit for bit, NaN payloads included.
 """
 import math
 
@@ -85,3 +94,38 @@ def store_fp16(out: np.ndarray, pos: int, value: float) -> np.float32:
 @njit(cache=True, inline="always")
 def load_fp16(buf: np.ndarray, pos: int) -> np.float32:
     return fp16_value(int(buf[pos]) | (int(buf[pos + 1]) << 8))
+
+
+TWO112 = np.float32(5.192296858534828e33)  # 2**112: turns half bits << 13 into the half's value
+
+
+@njit(cache=True, inline="always")
+def h2f(h) -> np.float32:
+    """fp16 bits → float32, branch-free so loops over it vectorize (inf/NaN kept)."""
+    hi = np.uint32(h)
+    em = hi & np.uint32(0x7FFF)
+    f = np.float32(np.uint32(em << np.uint32(13)).view(np.float32) * TWO112)
+    bits = f.view(np.uint32)
+    if em >= np.uint32(0x7C00):
+        bits = (em << np.uint32(13)) | np.uint32(0x7F800000)
+    return np.uint32(bits | ((hi & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+
+@njit(cache=True, inline="always")
+def bf2f(h) -> np.float32:
+    """bf16 bits → float32 (exact)."""
+    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+
+
+def round_f16(x: np.ndarray) -> np.ndarray:
+    """float32 → fp16 → float32, round to nearest even (numpy's conversion equals ggml's)."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 → float32, round to nearest even (ggml's GGML_FP32_TO_BF16; NaN kept quiet)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    r = np.where(nan, (u >> 16 | 64) << 16, r)
+    return r.astype(np.uint32).view(np.float32).reshape(x.shape)

@@ -1,5 +1,5 @@
-"""Pieces shared by the K-quants (super-blocks of QK_K = 256 weights): ggml's nearest_int, make_qkx2_quants,
-the 6-bit scale/min packing of Q4_K/Q5_K and the whole scale search of the "x = d*sc*q - dmin*m" types.
+"""Pieces shared by the K-quants (super-blocks of QK_K = 256 weights): ggml's nearest_int, make_qkx2_quants and
+the chunked scale search of the "x = d*sc*q - dmin*m" types (Q2_K here in q2_k.py, Q4_K/Q5_K in kquant_k4.py).
 
 Bit-exactness notes (checked against llama.cpp's ggml_quantize_chunk, which without an importance matrix calls
 quantize_row_q{2,4,5}_K_ref):
@@ -20,18 +20,16 @@ super-blocks, 64-128), one per lane: the loops run over lanes innermost, which L
 keeps C's own order of operations. A lane that could push nearest_int outside its exact range (ranges so small
 that nmax/range overflows, inf, NaN) is redone with `make_qkx2_quants_ref`, a plain transcription of ggml's.
 
-Caveat for development: numba's on-disk cache keys each cached function on its own file only, so after editing
-this module delete the q2_k/q4_k/q5_k entries in kernels/__pycache__ (*.nbi, *.nbc) or results may be stale.
+numba's on-disk cache keys each cached function on its own file only; kernels/__init__.py drops the cache when
+this module (one of its _SHARED_SOURCES) changes.
 """
 import math
 
 import numpy as np
 from numba import njit
 
-from .common import load_fp16, store_fp16
+from qtool.formats.constants import QK_K
 
-QK_K = 256
-K_SCALE_SIZE = 12  # bytes of packed 6-bit scales and mins in Q4_K/Q5_K
 
 MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
 NEAREST_INT_SAFE = np.float32(4194303.0)  # |f| up to here: the trick is plain round-half-to-even
@@ -403,6 +401,96 @@ def qkx2_search(x, k0, nblk, nsub, n, av_weights, nmax, rmin, rdelta, nstep, use
 
 
 @njit(cache=True, inline="always", error_model="numpy")
+def lane_weights16(xs, j: int, lanes: int):
+    """For lane j of gather_subblocks16's xs: the rmse weights w = x*x and w*x into xs[(3i+1)*lanes + j] and
+    xs[(3i+2)*lanes + j], and (max |x|, the x that has it (the first one, as C), NaN if any x is inf or NaN else 0).
+    Inlined into the callers' loops over lanes, which LLVM vectorises."""
+    amax = F0
+    mx = F0
+    bad = F0
+    for i in range(16):
+        v = xs[3 * i * lanes + j]
+        ax = abs(v)
+        up = ax > amax
+        amax = ax if up else amax
+        mx = v if up else mx
+        bad = np.float32(bad + np.float32(v * F0))  # NaN once a weight is inf or NaN
+        w = np.float32(v * v)
+        xs[(3 * i + 1) * lanes + j] = w
+        xs[(3 * i + 2) * lanes + j] = np.float32(w * v)
+    return amax, mx, bad
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def gather_subblocks16(x, k0: int, cnt: int, xs, group: int, lanes: int) -> None:
+    """Super-blocks k0 .. k0+cnt-1 of x (counted row after row) → xs[3*i*lanes + 16*g + s] (weight i of the
+    16-weight sub-block s of super-block g; zeros for g from cnt to group): the lanes of Q3_K's and Q6_K's
+    searches. Inlined, so that group and lanes are the caller's compile-time constants."""
+    nb = x.shape[1] // QK_K
+    nsub = QK_K // 16
+    for g in range(group):
+        if g < cnt:
+            k = k0 + g
+            xb = x[k // nb, (k % nb) * QK_K:(k % nb + 1) * QK_K]
+            for s in range(nsub):
+                for i in range(16):
+                    xs[3 * i * lanes + nsub * g + s] = xb[16 * s + i]
+        else:
+            for s in range(nsub):
+                for i in range(16):
+                    xs[3 * i * lanes + nsub * g + s] = F0
+
+
+@njit(cache=True, inline="always")
+def largest_magnitude(x, n: int):
+    """(|v|, v) for the first v of largest magnitude among x[:n], as ggml's loops find it (ties keep the first,
+    NaN never wins); (0, 0) when all are zero."""
+    amax = F0
+    mx = F0
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    return amax, mx
+
+
+@njit(cache=True, inline="always")
+def largest_scale_and_min(scales, mins, n: int):
+    """(max(0, scales[:n]...), max(0, mins[:n]...)) as the K-quants' final passes compute them (NaN never wins)."""
+    max_scale = F0
+    max_min = F0
+    for j in range(n):
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    return max_scale, max_min
+
+
+@njit(cache=True, inline="always")
+def n_chunks(x) -> int:
+    """Chunks of CHUNK_BLOCKS super-blocks (counted row after row) in float32 rows x."""
+    return (x.shape[0] * (x.shape[1] // QK_K) + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+
+
+@njit(cache=True, error_model="numpy")
+def qkx2_chunk(x, c, nsub, av_weights, nmax, rmin, rdelta, nstep, use_mad):
+    """qkx2_search on chunk c of x (see n_chunks), with its own scratch: (first super-block k0, count, codes L
+    (count*QK_K,), scales and mins (count*nsub,)). The loop body of every make_qkx2_quants type's quantize."""
+    n = QK_K // nsub
+    k0 = c * CHUNK_BLOCKS
+    cnt = min(CHUNK_BLOCKS, x.shape[0] * (x.shape[1] // QK_K) - k0)
+    L = np.empty(cnt * QK_K, dtype=np.uint8)
+    scales = np.empty(cnt * nsub, dtype=np.float32)
+    mins = np.empty(cnt * nsub, dtype=np.float32)
+    work = np.empty((4, n, cnt * nsub), dtype=np.float32)
+    st = np.empty((QKX2_STATE, cnt * nsub), dtype=np.float32)
+    qkx2_search(x, k0, cnt, nsub, n, av_weights, nmax, rmin, rdelta, nstep, use_mad, L, scales, mins, work, st)
+    return k0, cnt, L, scales, mins
+
+
+@njit(cache=True, inline="always", error_model="numpy")
 def requantize(x, L, o: int, n: int, d, dm, nmax: int) -> None:
     """L[o+i] = MAX(0, MIN(nmax, nearest_int((x[o+i] + dm)/d))) for i < n (the final pass of the K-quants)."""
     fnmax = np.float32(nmax)
@@ -417,92 +505,3 @@ def requantize(x, L, o: int, n: int, d, dm, nmax: int) -> None:
     if not ok:
         for i in range(n):
             L[o + i] = clamp_nearest(np.float32(np.float32(x[o + i] + dm) / d), nmax)
-
-
-# ---- Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins packed into 12 bytes --------------------------
-#  bytes 0-3: low 6 bits of scales 0-3, top 2 bits = bits 4-5 of scales 4-7
-#  bytes 4-7: low 6 bits of mins 0-3,   top 2 bits = bits 4-5 of mins 4-7
-#  bytes 8-11: low nibble = bits 0-3 of scales 4-7, high nibble = bits 0-3 of mins 4-7
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def put_scale_min_k4(buf, pos: int, j: int, ls: int, lm: int) -> None:
-    """Store 6-bit scale ls and min lm of sub-block j in the 12 packed bytes at buf[pos:], in C's order
-    (j = 0..7 ascending; sub-blocks 4-7 OR their top bits into bytes sub-blocks 0-7 wrote)."""
-    if j < 4:
-        buf[pos + j] = ls
-        buf[pos + j + 4] = lm
-    else:
-        buf[pos + j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
-        buf[pos + j - 4] |= (ls >> 4) << 6
-        buf[pos + j] |= (lm >> 4) << 6
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def get_scale_min_k4(buf, pos: int, j: int):
-    """(scale, min) 6-bit values of sub-block j from the 12 packed bytes at buf[pos:]."""
-    if j < 4:
-        return buf[pos + j] & 63, buf[pos + j + 4] & 63
-    sc = (buf[pos + j + 4] & 0xF) | ((buf[pos + j - 4] >> 6) << 4)
-    m = (buf[pos + j + 4] >> 4) | ((buf[pos + j] >> 6) << 4)
-    return sc, m
-
-
-@njit(cache=True, error_model="numpy")
-def finish_superblock_k4(x, out, pos: int, L, scales, mins, nmax: int) -> None:
-    """The rest of quantize_row_q4_K_ref / _q5_K_ref after the sub-block searches: 6-bit scales and mins with
-    fp16 super-scales d, dmin at out[pos:pos+16], then the final codes (0..nmax) in L[:256].
-
-    x: the 256 float32 weights; scales, mins: the 8 results of make_qkx2_quants.
-    """
-    max_scale = F0
-    max_min = F0
-    for j in range(QK_K // 32):
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
-    inv_scale = np.float32(np.float32(63.0) / max_scale) if max_scale > F0 else F0
-    inv_min = np.float32(np.float32(63.0) / max_min) if max_min > F0 else F0
-    sp = pos + 4
-    for j in range(QK_K // 32):
-        ls = ggml_nearest_int(np.float32(inv_scale * scales[j])) & 0xFF  # uint8_t ls = nearest_int(...)
-        lm = ggml_nearest_int(np.float32(inv_min * mins[j])) & 0xFF
-        put_scale_min_k4(out, sp, j, min(63, ls), min(63, lm))
-    d_all = store_fp16(out, pos, np.float32(max_scale / np.float32(63.0)))
-    dmin_all = store_fp16(out, pos + 2, np.float32(max_min / np.float32(63.0)))
-    for j in range(QK_K // 32):
-        sc, m = get_scale_min_k4(out, sp, j)
-        d = np.float32(d_all * np.float32(sc))
-        if d == F0:
-            continue  # keeps make_qkx2_quants' codes, as C does
-        dm = np.float32(dmin_all * np.float32(m))
-        requantize(x, L, 32 * j, 32, d, dm, nmax)
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def dequantize_superblock_k4(q, pos: int, out, o: int, five: bool) -> None:
-    """Q4_K (five=False) or Q5_K block at q[pos:] → out[o:o+256]; x = (d*sc)*q - (dmin*m), as gguf-py/ggml."""
-    d = load_fp16(q, pos)
-    dmin = load_fp16(q, pos + 2)
-    sp = pos + 4
-    qh = pos + 16
-    ql = pos + 48 if five else pos + 16
-    for k in range(4):  # 64 weights: sub-blocks 2k (low nibbles) and 2k+1 (high nibbles) of 32 bytes
-        sc1, m1 = get_scale_min_k4(q, sp, 2 * k)
-        sc2, m2 = get_scale_min_k4(q, sp, 2 * k + 1)
-        d1 = np.float32(d * np.float32(sc1))
-        dm1 = np.float32(dmin * np.float32(m1))
-        d2 = np.float32(d * np.float32(sc2))
-        dm2 = np.float32(dmin * np.float32(m2))
-        base = o + 64 * k
-        for l in range(32):
-            b = q[ql + 32 * k + l]
-            lo = b & 0xF
-            hi = b >> 4
-            if five:
-                h = q[qh + l]
-                lo |= ((h >> (2 * k)) & 1) << 4
-                hi |= ((h >> (2 * k + 1)) & 1) << 4
-            out[base + l] = np.float32(np.float32(d1 * np.float32(lo)) - dm1)
-            out[base + 32 + l] = np.float32(np.float32(d2 * np.float32(hi)) - dm2)

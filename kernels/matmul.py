@@ -26,14 +26,18 @@ from numba import njit, prange
 
 from qtool.formats.constants import QK_K, TYPE_INFO, GGMLType
 
-from .common import fp16_bits, fp16_value, load_fp16
+from .common import fp16_bits, fp16_value, round_bf16, round_f16  # noqa: F401 (round_*: public)
 from . import matvec as mv
-from .matvec import bf2f, h2f
+from .traits import TRAITS
 
 F0 = np.float32(0.0)
 BLAS_MIN_TOKENS = 8  # from this many tokens on, dequantize tiles and use BLAS
 TILE_BYTES = 4 << 20  # float32 bytes of one dequantized tile
 SMALL_WORK = 1 << 20  # multiply-adds below which a fused product runs on one thread
+# elements per block of each quantized activation kind (the ggml types the activations are converted to; Q8_1,
+# never stored, has no TYPE_INFO row: its blocks are Q8_0's 32)
+ACT_BLOCK = {"q8_0": TYPE_INFO[GGMLType.Q8_0].block_size, "q8_1": TYPE_INFO[GGMLType.Q8_0].block_size,
+             "q8_k": TYPE_INFO[GGMLType.Q8_K].block_size}
 
 
 # ---- activation conversion (ggml's quantize_row_q8_0 / q8_1 / q8_K) --------------------------------------------
@@ -101,19 +105,6 @@ def quantize_act_q8_k(x, xq, xd, xb):
             xd[t, b] = np.float32(np.float32(1.0) / iscale)
 
 
-def round_f16(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).astype(np.float32)
-
-
-def round_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 → bfloat16 → float32, round to nearest even (ggml's GGML_FP32_TO_BF16; NaN kept quiet)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = np.where(nan, (u >> 16 | 64) << 16, r)
-    return r.astype(np.uint32).view(np.float32).reshape(x.shape)
-
-
 class Act:
     """Activations converted to a weight type's vec_dot_type (all arrays float32)."""
     __slots__ = ("kind", "x", "q", "d", "s", "_deq", "_planes")
@@ -134,8 +125,8 @@ class Act:
         elif kind in ("q8_0", "q8_1"):
             self.x = x
             self.q = np.empty((T, K), np.float32)
-            self.d = np.empty((T, K // 32), np.float32)
-            self.s = np.empty((T, K // 32), np.float32)
+            self.d = np.empty((T, K // ACT_BLOCK[kind]), np.float32)
+            self.s = np.empty((T, K // ACT_BLOCK[kind]), np.float32)
             quantize_act_q8_0(x, self.q, self.d, self.s)
         elif kind == "q8_k":
             self.x = x
@@ -153,7 +144,7 @@ class Act:
                 self._deq = self.x
             else:
                 T, K = self.q.shape
-                bs = 32 if self.kind != "q8_k" else QK_K
+                bs = ACT_BLOCK[self.kind]
                 self._deq = (self.q.reshape(T, K // bs, bs) * self.d[:, :, None]).reshape(T, K)
         return self._deq
 
@@ -163,7 +154,7 @@ class Act:
         for Q8_1, fp16(d * sum); for Q8_K, the sums of each 16 codes (T, 16, lanes)."""
         if self._planes is None:
             T, K = self.q.shape
-            bs = QK_K if self.kind == "q8_k" else 32
+            bs = ACT_BLOCK[self.kind]
             nb = K // bs
             lanes = mv.n_lanes(nb)
 
@@ -183,119 +174,17 @@ class Act:
         return self._planes
 
 
-VEC_DOT_TYPE = {
-    GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.BF16: "bf16",
-    GGMLType.Q8_0: "q8_0", GGMLType.Q4_0: "q8_0", GGMLType.Q5_0: "q8_0",
-    GGMLType.Q4_1: "q8_1", GGMLType.Q5_1: "q8_1",
-    GGMLType.Q2_K: "q8_k", GGMLType.Q3_K: "q8_k", GGMLType.Q4_K: "q8_k", GGMLType.Q5_K: "q8_k",
-    GGMLType.Q6_K: "q8_k",
-}
+VEC_DOT_TYPE = {t: r.vec_dot for t, r in TRAITS.items() if r.vec_dot is not None}
 SUPPORTED = frozenset(VEC_DOT_TYPE)
 
 
-@njit(cache=True, inline="always")
-def _q3_scale(wr, p: int, j: int) -> np.float32:
-    """6-bit scale j (0..15) of a block_q3_K at p, minus 32 (scales[12] at p+96)."""
-    s = p + 96
-    if j < 4:
-        v = (wr[s + j] & 15) | (((wr[s + 8 + j]) & 3) << 4)
-    elif j < 8:
-        v = (wr[s + j] & 15) | (((wr[s + 4 + j] >> 2) & 3) << 4)
-    elif j < 12:
-        v = (wr[s + j - 8] >> 4) | (((wr[s + j] >> 4) & 3) << 4)
-    else:
-        v = (wr[s + j - 8] >> 4) | (((wr[s + j - 4] >> 6) & 3) << 4)
-    return np.float32(np.int32(v) - 32)
-
-
-
 # ---- row dequantization (for the blocked path and embeddings) ---------------------------------------------------
-@njit(parallel=True, cache=True)
-def deq_q3_k(q, out):
-    """dequantize_row_q3_K over rows."""
-    n_rows, n_cols = out.shape
-    for r in prange(n_rows):
-        wr = q[r]
-        for b in range(n_cols // QK_K):
-            p = b * 110
-            d = load_fp16(wr, p + 108)
-            for n in range(2):
-                for j in range(4):
-                    m = np.uint8(1 << (4 * n + j))
-                    for half in range(2):
-                        dl = np.float32(d * _q3_scale(wr, p, 8 * n + 2 * j + half))
-                        qb = p + 32 + 32 * n + 16 * half
-                        hb = p + 16 * half
-                        ob = b * QK_K + 128 * n + 32 * j + 16 * half
-                        for l in range(16):
-                            v = np.int32((wr[qb + l] >> (2 * j)) & 3)
-                            if (wr[hb + l] & m) == 0:
-                                v -= 4
-                            out[r, ob + l] = dl * np.float32(v)
-
-
-@njit(parallel=True, cache=True)
-def deq_q6_k(q, out):
-    """dequantize_row_q6_K over rows."""
-    n_rows, n_cols = out.shape
-    for r in prange(n_rows):
-        wr = q[r]
-        for b in range(n_cols // QK_K):
-            p = b * 210
-            d = load_fp16(wr, p + 208)
-            for n in range(2):
-                ql = p + 64 * n
-                qh = p + 128 + 32 * n
-                sp = p + 192 + 8 * n
-                ob = b * QK_K + 128 * n
-                for l in range(32):
-                    i = l // 16
-                    a = wr[ql + l]
-                    c = wr[ql + 32 + l]
-                    h = wr[qh + l]
-                    out[r, ob + l] = np.float32(d * np.float32(np.int8(wr[sp + i]))) * \
-                        np.float32(np.int32((a & 15) | ((h & 3) << 4)) - 32)
-                    out[r, ob + 32 + l] = np.float32(d * np.float32(np.int8(wr[sp + i + 2]))) * \
-                        np.float32(np.int32((c & 15) | (((h >> 2) & 3) << 4)) - 32)
-                    out[r, ob + 64 + l] = np.float32(d * np.float32(np.int8(wr[sp + i + 4]))) * \
-                        np.float32(np.int32((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
-                    out[r, ob + 96 + l] = np.float32(d * np.float32(np.int8(wr[sp + i + 6]))) * \
-                        np.float32(np.int32((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
-
-
-@njit(parallel=True, cache=True)
-def deq_f16(q, out):
-    for r in prange(out.shape[0]):
-        for i in range(out.shape[1]):
-            out[r, i] = h2f(q[r, i])
-
-
-@njit(parallel=True, cache=True)
-def deq_bf16(q, out):
-    for r in prange(out.shape[0]):
-        for i in range(out.shape[1]):
-            out[r, i] = bf2f(q[r, i])
-
-
-_LOCAL_DEQ = {GGMLType.Q3_K: deq_q3_k, GGMLType.Q6_K: deq_q6_k}
-
-
 def dequantize_rows(ggml_type: GGMLType, data: np.ndarray, n_cols: int, out: np.ndarray | None = None) -> np.ndarray:
     """Stored rows (uint8 packed, or uint16 bits for F16/BF16, or float32) → float32 (rows, n_cols)."""
     rows = data.shape[0]
     if out is None:
         out = np.empty((rows, n_cols), np.float32)
-    if ggml_type == GGMLType.F32:
-        out[...] = data
-    elif ggml_type == GGMLType.F16:
-        deq_f16(data, out)
-    elif ggml_type == GGMLType.BF16:
-        deq_bf16(data, out)
-    elif ggml_type in _LOCAL_DEQ:
-        _LOCAL_DEQ[ggml_type](data, out)
-    else:
-        from qtool import kernels
-        kernels._module(ggml_type).dequantize(data, out)
+    TRAITS[ggml_type].dequantize(data, out)
     return out
 
 
@@ -318,6 +207,17 @@ class Weight:
     def nbytes(self) -> int:
         return (self.data if self.planes is None else self.planes).nbytes
 
+    def __call__(self, x: np.ndarray, acts: dict | None = None) -> np.ndarray:
+        """y = x @ W.T for x float32 (T, K), llama.cpp's way. `acts`, a dict shared by the weights applied to the
+        same x, is filled with one `Act` per vec_dot kind so each conversion of x happens once."""
+        kind = VEC_DOT_TYPE[self.ggml_type]
+        act = None
+        if acts is not None:
+            act = acts.get(kind)
+            if act is None:
+                act = acts[kind] = Act(kind, x)
+        return linear(self, x, act)
+
     def stored_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0..r1 as the file stores them."""
         if self.planes is None:
@@ -331,11 +231,7 @@ def embedding_rows(ggml_type: GGMLType, data: np.ndarray, ids, n_cols: int) -> n
     return dequantize_rows(ggml_type, np.ascontiguousarray(data[ids]), n_cols)
 
 
-_FUSED = {
-    GGMLType.Q8_0: mv.mv_q8_0, GGMLType.Q4_0: mv.mv_q4_0, GGMLType.Q4_1: mv.mv_q4_1, GGMLType.Q5_0: mv.mv_q5_0,
-    GGMLType.Q5_1: mv.mv_q5_1, GGMLType.Q2_K: mv.mv_q2_k, GGMLType.Q3_K: mv.mv_q3_k, GGMLType.Q4_K: mv.mv_q4_k,
-    GGMLType.Q5_K: mv.mv_q5_k, GGMLType.Q6_K: mv.mv_q6_k,
-}
+_FUSED = {t: r.fused for t, r in TRAITS.items() if r.fused is not None}  # names of matvec.py kernels
 
 
 def matvec(w: Weight, act: Act) -> np.ndarray:
@@ -345,15 +241,13 @@ def matvec(w: Weight, act: Act) -> np.ndarray:
     t = w.ggml_type
     if t == GGMLType.F32:
         np.matmul(act.x, w.data.T, out=out)
-    elif t == GGMLType.F16:
-        mv.run(mv.mv_f16, w.data, act.x, out)
-    elif t == GGMLType.BF16:
-        mv.run(mv.mv_bf16, w.data, act.x, out)
-    elif t == GGMLType.Q8_0:
+    elif w.planes is None:  # F16, BF16: the rounded activations as they are
+        mv.run(TRAITS[t].fused_kernel(), w.data, act.x, out)
+    elif t == GGMLType.Q8_0:  # no offset to move out of the inner sums: no code sums
         codes, scales, _ = act.planes()
-        mv.run(mv.mv_q8_0, w.planes, codes, scales, out)
+        mv.run(TRAITS[t].fused_kernel(), w.planes, codes, scales, out)
     else:
-        mv.run(_FUSED[t], w.planes, *act.planes(), out)
+        mv.run(TRAITS[t].fused_kernel(), w.planes, *act.planes(), out)
     return out
 
 
@@ -430,7 +324,7 @@ def check_type(ggml_type: GGMLType, n_in: int) -> str | None:
     if ggml_type not in SUPPORTED:
         return f"type {ggml_type.name} is not supported by the runner"
     bs = TYPE_INFO[ggml_type].block_size
-    need = {"q8_0": 32, "q8_1": 32, "q8_k": QK_K}.get(VEC_DOT_TYPE[ggml_type], 1)
+    need = ACT_BLOCK.get(VEC_DOT_TYPE[ggml_type], 1)
     if n_in % max(bs, need):
         return f"rows of {n_in} are not a multiple of {max(bs, need)}"
     return None

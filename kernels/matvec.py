@@ -37,30 +37,29 @@ import contextlib
 import numpy as np
 from numba import njit, prange
 
+from qtool.formats.constants import GGMLType as G
+
+from .common import bf2f, h2f
+from .traits import TRAITS, fields
+
 F0 = np.float32(0.0)
-TWO112 = np.float32(5.192296858534828e33)  # 2**112: turns half bits << 13 into the half's value
 LANES = 8  # blocks per SIMD vector of float32 (AVX2); rows of blocks are padded to a multiple of it
 # LLVM options while these kernels compile, and the defaults restored afterwards (-O3's unroll budget is 300)
 COMPILE_OPTIONS = ("-unroll-threshold=4000",)
 INT16_VECTORS = "-vectorizer-maximize-bandwidth"
 DEFAULT_OPTIONS = ("-unroll-threshold=300", f"{INT16_VECTORS}=false")
-
-
-@njit(cache=True, inline="always")
-def h2f(h) -> np.float32:
-    """fp16 bits → float32, branch-free so loops over it vectorize (inf/NaN kept)."""
-    hi = np.uint32(h)
-    em = hi & np.uint32(0x7FFF)
-    f = np.float32(np.uint32(em << np.uint32(13)).view(np.float32) * TWO112)
-    bits = f.view(np.uint32)
-    if em >= np.uint32(0x7C00):
-        bits = (em << np.uint32(13)) | np.uint32(0x7F800000)
-    return np.uint32(bits | ((hi & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
-
-
-@njit(cache=True, inline="always")
-def bf2f(h) -> np.float32:
-    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+# byte offsets of the blocks' fields, from traits.py (numba freezes them into the kernels as constants)
+Q8_0_D, Q8_0_QS = fields(G.Q8_0, "d", "qs")
+Q4_0_D, Q4_0_QS = fields(G.Q4_0, "d", "qs")
+Q4_1_D, Q4_1_M, Q4_1_QS = fields(G.Q4_1, "d", "m", "qs")
+Q5_0_D, Q5_0_QH, Q5_0_QS = fields(G.Q5_0, "d", "qh", "qs")
+Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS = fields(G.Q5_1, "d", "m", "qh", "qs")
+Q2_K_SCALES, Q2_K_QS, Q2_K_D, Q2_K_DMIN = fields(G.Q2_K, "scales", "qs", "d", "dmin")
+Q3_K_HMASK, Q3_K_QS, Q3_K_SCALES, Q3_K_D = fields(G.Q3_K, "hmask", "qs", "scales", "d")
+K4_D, K4_DMIN, K4_SCALES, Q4_K_QS = fields(G.Q4_K, "d", "dmin", "scales", "qs")
+Q5_K_QH, Q5_K_QS = fields(G.Q5_K, "qh", "qs")
+assert fields(G.Q5_K, "d", "dmin", "scales") == (K4_D, K4_DMIN, K4_SCALES)  # mv_q5_k reads them as Q4_K's
+Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D = fields(G.Q6_K, "ql", "qh", "scales", "d")
 
 
 @njit(cache=True, inline="always")
@@ -183,8 +182,8 @@ def mv_q8_0(w, xq, xd, out):
             for b in range(nbp):
                 s = np.int32(0)
                 for j in range(32):
-                    s = np.int32(s + _i16(np.int8(w[r, 2 + j, b]) * xq[t, j, b]))
-                acc += _f16(w, r, 0, b) * xd[t, b] * np.float32(s)
+                    s = np.int32(s + _i16(np.int8(w[r, Q8_0_QS + j, b]) * xq[t, j, b]))
+                acc += _f16(w, r, Q8_0_D, b) * xd[t, b] * np.float32(s)
             out[t, r] = acc
 
 
@@ -209,8 +208,8 @@ def mv_q4_0(w, xq, xd, xsum, out):
         for t in range(T):
             acc = F0
             for b in range(nbp):
-                s = _q4_dot(w, r, b, 2, xq, t)
-                acc += _f16(w, r, 0, b) * xd[t, b] * (s - np.float32(8.0) * xsum[t, b])
+                s = _q4_dot(w, r, b, Q4_0_QS, xq, t)
+                acc += _f16(w, r, Q4_0_D, b) * xd[t, b] * (s - np.float32(8.0) * xsum[t, b])
             out[t, r] = acc
 
 
@@ -223,8 +222,8 @@ def mv_q4_1(w, xq, xd, xs, out):
         for t in range(T):
             acc = F0
             for b in range(nbp):
-                s = _q4_dot(w, r, b, 4, xq, t)
-                acc += _f16(w, r, 0, b) * xd[t, b] * s + _f16(w, r, 2, b) * xs[t, b]
+                s = _q4_dot(w, r, b, Q4_1_QS, xq, t)
+                acc += _f16(w, r, Q4_1_D, b) * xd[t, b] * s + _f16(w, r, Q4_1_M, b) * xs[t, b]
             out[t, r] = acc
 
 
@@ -261,8 +260,8 @@ def mv_q5_0(w, xq, xd, xsum, out):
         for t in range(T):
             acc = F0
             for b in range(nbp):
-                s = _q5_dot(w, r, b, _qh32(w, r, 2, b), 6, xq, t)
-                acc += _f16(w, r, 0, b) * xd[t, b] * (s - np.float32(16.0) * xsum[t, b])
+                s = _q5_dot(w, r, b, _qh32(w, r, Q5_0_QH, b), Q5_0_QS, xq, t)
+                acc += _f16(w, r, Q5_0_D, b) * xd[t, b] * (s - np.float32(16.0) * xsum[t, b])
             out[t, r] = acc
 
 
@@ -275,8 +274,8 @@ def mv_q5_1(w, xq, xd, xs, out):
         for t in range(T):
             acc = F0
             for b in range(nbp):
-                s = _q5_dot(w, r, b, _qh32(w, r, 4, b), 8, xq, t)
-                acc += _f16(w, r, 0, b) * xd[t, b] * s + _f16(w, r, 2, b) * xs[t, b]
+                s = _q5_dot(w, r, b, _qh32(w, r, Q5_1_QH, b), Q5_1_QS, xq, t)
+                acc += _f16(w, r, Q5_1_D, b) * xd[t, b] * s + _f16(w, r, Q5_1_M, b) * xs[t, b]
             out[t, r] = acc
 
 
@@ -296,22 +295,23 @@ def mv_q2_k(w, xq, xd, xb, out):
                 for h in range(2):
                     for k in range(4):
                         for half in range(2):
-                            sc = w[r, 8 * h + 2 * k + half, b]
+                            sc = w[r, Q2_K_SCALES + 8 * h + 2 * k + half, b]
                             e0 = 128 * h + 32 * k + 16 * half
                             s = np.int16(0)
                             for l in range(16):
-                                q = (w[r, 16 + 32 * h + 16 * half + l, b] >> (2 * k)) & 3
+                                q = (w[r, Q2_K_QS + 32 * h + 16 * half + l, b] >> (2 * k)) & 3
                                 s = _i16(s + _i16(q) * xq[t, e0 + l, b])
                             isum += _u8(sc & 15) * np.float32(s)
                             msum += _u8(sc >> 4) * xb[t, e0 // 16, b]
-                acc += xd[t, b] * (_f16(w, r, 80, b) * isum - _f16(w, r, 82, b) * msum)
+                acc += xd[t, b] * (_f16(w, r, Q2_K_D, b) * isum - _f16(w, r, Q2_K_DMIN, b) * msum)
             out[t, r] = acc
 
 
 @njit(cache=True, inline="always")
 def _q3_scale(w, r, b, j) -> np.float32:
-    """6-bit scale j (0..15) of a block_q3_K, minus 32 (scales[12] at byte 96)."""
-    s = 96
+    """6-bit scale j (0..15) of a block_q3_K, minus 32 (scales[12] at byte 96). The layout is documented at
+    q3_k._scale, which reads it from packed rows; this one reads planes (byte k of block b at [r, k, b])."""
+    s = Q3_K_SCALES
     if j < 4:
         v = (w[r, s + j, b] & 15) | ((w[r, s + 8 + j, b] & 3) << 4)
     elif j < 8:
@@ -339,19 +339,20 @@ def mv_q3_k(w, xq, xd, xb, out):
                             e0 = 128 * n + 32 * j + 16 * half
                             s = np.int16(0)
                             for l in range(16):
-                                lo = (w[r, 32 + 32 * n + 16 * half + l, b] >> (2 * j)) & 3
-                                hb = (w[r, 16 * half + l, b] >> (4 * n + j)) & 1
+                                lo = (w[r, Q3_K_QS + 32 * n + 16 * half + l, b] >> (2 * j)) & 3
+                                hb = (w[r, Q3_K_HMASK + 16 * half + l, b] >> (4 * n + j)) & 1
                                 s = _i16(s + _i16(lo | (hb << 2)) * xq[t, e0 + l, b])
                             isum += _q3_scale(w, r, b, 8 * n + 2 * j + half) \
                                 * (np.float32(s) - np.float32(4.0) * xb[t, e0 // 16, b])
-                acc += xd[t, b] * _f16(w, r, 108, b) * isum
+                acc += xd[t, b] * _f16(w, r, Q3_K_D, b) * isum
             out[t, r] = acc
 
 
 @njit(cache=True, inline="always")
 def _scale_min_k4(w, r, b, j):
-    """6-bit scale and min j (0..7) of a block_q4_K/q5_K (scales[12] at byte 4)."""
-    p = 4
+    """6-bit scale and min j (0..7) of a block_q4_K/q5_K (scales[12] at byte 4), from planes; the layout is
+    kquant_k4.get_scale_min_k4's (packed rows)."""
+    p = K4_SCALES
     if j < 4:
         return _u8(w[r, p + j, b] & 63), _u8(w[r, p + j + 4, b] & 63)
     sc = (w[r, p + j + 4, b] & 15) | ((w[r, p + j - 4, b] >> 6) << 4)
@@ -380,14 +381,14 @@ def mv_q4_k(w, xq, xd, xb, out):
                         p2 = np.int16(0)
                         for i in range(16):
                             l = 16 * half + i
-                            v = w[r, 16 + 32 * k + l, b]
+                            v = w[r, Q4_K_QS + 32 * k + l, b]
                             p1 = _i16(p1 + _i16(v & 15) * xq[t, 64 * k + l, b])
                             p2 = _i16(p2 + _i16(v >> 4) * xq[t, 64 * k + 32 + l, b])
                         s1 += np.float32(p1)
                         s2 += np.float32(p2)
                     isum += sc1 * s1 + sc2 * s2
                     msum += m1 * (xb[t, 4 * k, b] + xb[t, 4 * k + 1, b]) + m2 * (xb[t, 4 * k + 2, b] + xb[t, 4 * k + 3, b])
-                acc += xd[t, b] * (_f16(w, r, 0, b) * isum - _f16(w, r, 2, b) * msum)
+                acc += xd[t, b] * (_f16(w, r, K4_D, b) * isum - _f16(w, r, K4_DMIN, b) * msum)
             out[t, r] = acc
 
 
@@ -412,15 +413,15 @@ def mv_q5_k(w, xq, xd, xb, out):
                         p2 = np.int16(0)
                         for i in range(8):
                             l = 8 * part + i
-                            v = w[r, 48 + 32 * k + l, b]
-                            h = w[r, 16 + l, b]
+                            v = w[r, Q5_K_QS + 32 * k + l, b]
+                            h = w[r, Q5_K_QH + l, b]
                             p1 = _i16(p1 + _i16((v & 15) | (((h >> (2 * k)) & 1) << 4)) * xq[t, 64 * k + l, b])
                             p2 = _i16(p2 + _i16((v >> 4) | (((h >> (2 * k + 1)) & 1) << 4)) * xq[t, 64 * k + 32 + l, b])
                         s1 += np.float32(p1)
                         s2 += np.float32(p2)
                     isum += sc1 * s1 + sc2 * s2
                     msum += m1 * (xb[t, 4 * k, b] + xb[t, 4 * k + 1, b]) + m2 * (xb[t, 4 * k + 2, b] + xb[t, 4 * k + 3, b])
-                acc += xd[t, b] * (_f16(w, r, 0, b) * isum - _f16(w, r, 2, b) * msum)
+                acc += xd[t, b] * (_f16(w, r, K4_D, b) * isum - _f16(w, r, K4_DMIN, b) * msum)
             out[t, r] = acc
 
 
@@ -450,9 +451,9 @@ def mv_q6_k(w, xq, xd, xb, out):
                             for i in range(8):
                                 l = 16 * half + 8 * part + i
                                 e = e0 + 8 * part + i
-                                a = w[r, 64 * n + l, b]
-                                c = w[r, 64 * n + 32 + l, b]
-                                h = w[r, 128 + 32 * n + l, b]
+                                a = w[r, Q6_K_QL + 64 * n + l, b]
+                                c = w[r, Q6_K_QL + 64 * n + 32 + l, b]
+                                h = w[r, Q6_K_QH + 32 * n + l, b]
                                 p1 = _i16(p1 + _i16(_i16((a & 15) | ((h & 3) << 4)) - 32) * xq[t, e, b])
                                 p2 = _i16(p2 + _i16(_i16((c & 15) | (((h >> 2) & 3) << 4)) - 32) * xq[t, e + 32, b])
                                 p3 = _i16(p3 + _i16(_i16((a >> 4) | (((h >> 4) & 3) << 4)) - 32) * xq[t, e + 64, b])
@@ -461,11 +462,12 @@ def mv_q6_k(w, xq, xd, xb, out):
                             s2 += np.float32(p2)
                             s3 += np.float32(p3)
                             s4 += np.float32(p4)
-                        sp = 192 + 8 * n + half
+                        sp = Q6_K_SCALES + 8 * n + half
                         isum += np.float32(np.int8(w[r, sp, b])) * s1 + np.float32(np.int8(w[r, sp + 2, b])) * s2 \
                             + np.float32(np.int8(w[r, sp + 4, b])) * s3 + np.float32(np.int8(w[r, sp + 6, b])) * s4
-                acc += xd[t, b] * _f16(w, r, 208, b) * isum
+                acc += xd[t, b] * _f16(w, r, Q6_K_D, b) * isum
             out[t, r] = acc
 
 
-_BLOCK32 = (mv_q8_0, mv_q4_0, mv_q4_1, mv_q5_0, mv_q5_1)
+# the 32-weight types' kernels, compiled with int16-sized vectors
+_BLOCK32 = tuple(globals()[r.fused] for r in TRAITS.values() if r.int16_vectors)

@@ -16,17 +16,25 @@ Speed: make_qx_quants runs on the 64 sub-blocks of GROUP super-blocks at once, o
 lanes vectorised by LLVM; its 19 trial scales are independent, the winner is picked afterwards in C's order and
 its codes are only recomputed where C keeps them (sub-blocks whose int8 scale is 0). A super-block holding inf or
 NaN is done by the plain transcription `quantize_block_ref`, a requantization beyond nearest_int's exact range by
-ggml_nearest_int. `quantize_ref` runs the transcription alone (for tests). See q3_k for what LLVM needs to
-vectorise these loops.
+ggml_nearest_int. `quantize_block_ref` is the transcription alone (the tests run it block by block). See q3_k
+for what LLVM needs to vectorise these loops.
+
+Q3_K's search is this one's sibling (16-weight sub-blocks as lanes, rmse weights x*x): the parts they share are
+kquant_common's gather_subblocks16, lane_weights16 and largest_magnitude; what stays alike is
+the shape of the lane loops around two different searches (make_q3_quants' passes, make_qx_quants' trials).
 """
 import numpy as np
 from numba import njit, prange
 
-from .common import load_fp16, store_fp16
-from .kquant_common import MAGIC, NEAREST_INT_SAFE, QK_K, ggml_nearest_int
+from qtool.formats.constants import GGMLType
 
-BLOCK_BYTES = 210
-QL, QH, SCALES, D = 0, 128, 192, 208
+from .common import load_fp16, store_fp16
+from .kquant_common import (MAGIC, NEAREST_INT_SAFE, QK_K, ggml_nearest_int,
+                            gather_subblocks16, lane_weights16, largest_magnitude)
+from .traits import block, fields
+
+BLOCK_BYTES = block(GGMLType.Q6_K)[1]
+QL, QH, SCALES, D = fields(GGMLType.Q6_K, "ql", "qh", "scales", "d")
 NMAX = 32
 NSUB = QK_K // 16  # sub-blocks of 16 weights
 NTRY = 19  # make_qx_quants' first scale, then is = -9..-1, 1..9
@@ -49,13 +57,7 @@ def make_qx_quants(x, nmax: int, L) -> np.float32:
     (x ≈ scale*(L-nmax)).
     """
     n = x.shape[0]
-    mx = F0
-    amax = F0
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
+    amax, mx = largest_magnitude(x, n)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[i] = 0
@@ -115,13 +117,7 @@ def _pack(row, o: int, L, tmp) -> None:
 def _finish_scales(row, o: int, scales):
     """Quantize the 16 sub-block scales to int8 with the fp16 super-scale d; returns (d as float32, False), or
     (0, True) when the whole block was written as zeros (all scales below GROUP_MAX_EPS)."""
-    max_scale = F0
-    max_abs = F0
-    for j in range(NSUB):
-        a = abs(scales[j])
-        if a > max_abs:
-            max_abs = a
-            max_scale = scales[j]
+    max_abs, max_scale = largest_magnitude(scales, NSUB)
     if max_abs < GROUP_MAX_EPS:
         for k in range(BLOCK_BYTES):
             row[o + k] = 0
@@ -168,41 +164,12 @@ NVEC = 5
 
 
 @njit(cache=True, error_model="numpy")
-def _gather(x, k0: int, cnt: int, xs) -> None:
-    """Super-blocks k0 .. k0+cnt-1 of x (counted row after row) → xs[3*i*LANES + 16*g + s]; zeros past cnt."""
-    nb = x.shape[1] // QK_K
-    for g in range(GROUP):
-        if g < cnt:
-            k = k0 + g
-            xb = x[k // nb, (k % nb) * QK_K:(k % nb + 1) * QK_K]
-            for s in range(NSUB):
-                for i in range(16):
-                    xs[3 * i * LANES + NSUB * g + s] = xb[16 * s + i]
-        else:
-            for s in range(NSUB):
-                for i in range(16):
-                    xs[3 * i * LANES + NSUB * g + s] = F0
-
-
-@njit(cache=True, error_model="numpy")
 def _lanes_prepare(xs, ts, vec) -> None:
     """w = x*x and w*x, each lane's max |x| (the first one wins, as C), inf/NaN flags, the 19 iscales."""
     nl = vec.shape[0] // NVEC  # LANES, as a run-time trip count
     fnmax = np.float32(NMAX)
     for j in range(nl):
-        amax = F0
-        mx = F0
-        bad = F0
-        for i in range(16):
-            v = xs[3 * i * LANES + j]
-            ax = abs(v)
-            up = ax > amax
-            amax = ax if up else amax
-            mx = v if up else mx
-            bad = np.float32(bad + np.float32(v * F0))  # NaN once a weight is inf or NaN
-            w = np.float32(v * v)
-            xs[(3 * i + 1) * LANES + j] = w
-            xs[(3 * i + 2) * LANES + j] = np.float32(w * v)
+        amax, mx, bad = lane_weights16(xs, j, LANES)
         a = (amax >= GROUP_MAX_EPS) & (bad == F0)
         vec[_ALIVE * LANES + j] = F1 if a else F0
         vec[_BAD * LANES + j] = bad
@@ -290,7 +257,7 @@ def _block_codes(xb, L, vec, j0: int) -> None:
                 r = r if r > lo else lo
                 r = r if r < hi else hi
                 L[16 * s + i] = np.uint8(np.int32(r) + NMAX)
-            if not ok:  # |x/dl| beyond nearest_int's exact range, or NaN
+            if not ok:  # |x/dl| beyond nearest_int's exact range, or NaN (written out as in q3_k, which says why)
                 for i in range(n):
                     L[16 * s + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * s + i] / d)), -32, 31) + 32
         elif vec[_ALIVE * LANES + j0 + s] != F0:
@@ -311,7 +278,7 @@ def quantize_group(x, out, k0: int, cnt: int, xs, ts, vec, Lu) -> None:
     Scratch: xs float32 (48*LANES,), ts float32 (5*NTRY*LANES,), vec float32 (NVEC*LANES,), Lu uint8 (448,).
     Super-blocks holding inf or NaN go through quantize_block_ref."""
     nb = x.shape[1] // QK_K
-    _gather(x, k0, cnt, xs)
+    gather_subblocks16(x, k0, cnt, xs, GROUP, LANES)
     _lanes_prepare(xs, ts, vec)
     _lanes_sums(xs, ts)
     _lanes_pick(ts, vec)
@@ -356,34 +323,26 @@ def quantize(x: np.ndarray, out: np.ndarray) -> None:
             quantize_group(x, out, k0, min(GROUP, total - k0), xs, ts, vec, Lu)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def quantize_ref(x: np.ndarray, out: np.ndarray) -> None:
-    """Same as quantize, through the plain transcription only (for tests)."""
-    n_rows, n_cols = x.shape
-    for r in prange(n_rows):
-        Lu = np.empty(QK_K + SCALES, dtype=np.uint8)
-        for b in range(n_cols // QK_K):
-            quantize_block_ref(x[r, b * QK_K:(b + 1) * QK_K], out[r], b * BLOCK_BYTES, Lu)
+@njit(cache=True, inline="always")
+def dequantize_block(row, o: int, y, yo: int) -> None:
+    """The block at row[o:] → y[yo:yo+256]: x = (d*sc)*(q - 32), as ggml and gguf-py."""
+    d = load_fp16(row, o + D)
+    for h in range(2):
+        ql = o + QL + 64 * h
+        qh = o + QH + 32 * h
+        base = yo + 128 * h
+        for k in range(4):
+            for half in range(2):
+                ds = np.float32(d * np.float32(np.int8(row[o + SCALES + 8 * h + 2 * k + half])))
+                for l in range(16 * half, 16 * half + 16):
+                    lo = (row[ql + l + 32 * (k & 1)] >> (4 * (k >> 1))) & 0xF
+                    hi = (row[qh + l] >> (2 * k)) & 3
+                    y[base + 32 * k + l] = np.float32(ds * np.float32(np.int32(lo | (hi << 4)) - 32))
 
 
 @njit(parallel=True, cache=True)
 def dequantize(q: np.ndarray, out: np.ndarray) -> None:
-    """dequantize_row_q6_K over rows: x = (d*sc)*(q - 32), as ggml and gguf-py."""
-    n_rows, n_cols = out.shape
-    for r in prange(n_rows):
-        row = q[r]
-        y = out[r]
-        for b in range(n_cols // QK_K):
-            o = b * BLOCK_BYTES
-            d = load_fp16(row, o + D)
-            for h in range(2):
-                ql = o + QL + 64 * h
-                qh = o + QH + 32 * h
-                base = b * QK_K + 128 * h
-                for k in range(4):
-                    for half in range(2):
-                        ds = np.float32(d * np.float32(np.int8(row[o + SCALES + 8 * h + 2 * k + half])))
-                        for l in range(16 * half, 16 * half + 16):
-                            lo = (row[ql + l + 32 * (k & 1)] >> (4 * (k >> 1))) & 0xF
-                            hi = (row[qh + l] >> (2 * k)) & 3
-                            y[base + 32 * k + l] = np.float32(ds * np.float32(np.int32(lo | (hi << 4)) - 32))
+    """dequantize_row_q6_K over rows: q uint8 (rows, cols/256*210) → out float32 (rows, cols)."""
+    for r in prange(out.shape[0]):
+        for b in range(out.shape[1] // QK_K):
+            dequantize_block(q[r], b * BLOCK_BYTES, out[r], b * QK_K)

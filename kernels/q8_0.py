@@ -2,10 +2,13 @@
 import numpy as np
 from numba import njit, prange
 
-from .common import load_fp16, roundf, store_fp16
+from qtool.formats.constants import GGMLType
 
-QK = 32
-BLOCK_BYTES = 34
+from .common import load_fp16, roundf, store_fp16
+from .traits import block, fields
+
+QK, BLOCK_BYTES = block(GGMLType.Q8_0)
+D, QS = fields(GGMLType.Q8_0, "d", "qs")
 
 
 @njit(parallel=True, cache=True)
@@ -17,15 +20,16 @@ def quantize(x: np.ndarray, out: np.ndarray) -> None:
             src = x[r, b * QK:(b + 1) * QK]
             amax = np.float32(0.0)
             for v in src:
-                if abs(v) > amax:
-                    amax = abs(v)
+                a = abs(v)
+                amax = amax if amax > a else a  # ggml's MAX(): a NaN is kept (until a larger value follows)
             d = np.float32(amax / np.float32(127.0))
             inv = np.float32(np.float32(1.0) / d) if d != 0 else np.float32(0.0)
             o = b * BLOCK_BYTES
-            store_fp16(out[r], o, d)
+            store_fp16(out[r], o + D, d)
             for j in range(QK):
-                q = int(roundf(np.float32(src[j] * inv)))
-                out[r, o + 2 + j] = q & 0xFF
+                v = roundf(np.float32(src[j] * inv))
+                # the C cast of NaN (cvttss2si) is INT_MIN, whose low byte is 0
+                out[r, o + QS + j] = (int(v) & 0xFF) if v == v else 0
 
 
 @njit(parallel=True, cache=True)
@@ -34,7 +38,7 @@ def dequantize(q: np.ndarray, out: np.ndarray) -> None:
     for r in prange(n_rows):
         for b in range(n_cols // QK):
             o = b * BLOCK_BYTES
-            d = load_fp16(q[r], o)
+            d = load_fp16(q[r], o + D)
             for j in range(QK):
-                v = np.int8(q[r, o + 2 + j])
+                v = np.int8(q[r, o + QS + j])
                 out[r, b * QK + j] = d * np.float32(v)

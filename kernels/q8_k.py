@@ -12,10 +12,13 @@ they were in the destination buffer; we write zeros there too (what llama.cpp gi
 import numpy as np
 from numba import njit, prange
 
-from .kquant_common import MAGIC, QK_K, ggml_nearest_int
+from qtool.formats.constants import GGMLType
 
-BLOCK_BYTES = 292
-D, QS, BSUMS = 0, 4, 260
+from .kquant_common import MAGIC, QK_K, ggml_nearest_int, largest_magnitude
+from .traits import block, fields
+
+BLOCK_BYTES = block(GGMLType.Q8_K)[1]
+D, QS, BSUMS = fields(GGMLType.Q8_K, "d", "qs", "bsums")
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
 FLT_MAX = np.float32(3.4028234663852886e38)
@@ -52,13 +55,7 @@ def _bsums(row, o: int) -> None:
 @njit(cache=True, error_model="numpy")
 def quantize_block_ref(xb, row, o: int) -> None:
     """quantize_row_q8_K_ref on one super-block xb[:256] → row[o:o+292], plainly transcribed."""
-    mx = F0
-    amax = F0
-    for j in range(QK_K):
-        ax = abs(xb[j])
-        if ax > amax:
-            amax = ax
-            mx = xb[j]
+    amax, mx = largest_magnitude(xb, QK_K)
     if amax == F0:
         for k in range(BLOCK_BYTES):
             row[o + k] = 0
@@ -118,24 +115,17 @@ def quantize(x: np.ndarray, out: np.ndarray) -> None:
             quantize_block(x[r, b * QK_K:(b + 1) * QK_K], out[r], b * BLOCK_BYTES)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def quantize_ref(x: np.ndarray, out: np.ndarray) -> None:
-    """Same as quantize, through the plain transcription only (for tests)."""
-    n_rows, n_cols = x.shape
-    for r in prange(n_rows):
-        for b in range(n_cols // QK_K):
-            quantize_block_ref(x[r, b * QK_K:(b + 1) * QK_K], out[r], b * BLOCK_BYTES)
+@njit(cache=True, inline="always")
+def dequantize_block(row, o: int, y, yo: int) -> None:
+    """The block at row[o:] → y[yo:yo+256]: x = d * q."""
+    d = _load_f32(row, o + D)
+    for j in range(QK_K):
+        y[yo + j] = np.float32(d * np.float32(np.int8(row[o + QS + j])))
 
 
 @njit(parallel=True, cache=True)
 def dequantize(q: np.ndarray, out: np.ndarray) -> None:
-    """dequantize_row_q8_K over rows: x = d * q."""
-    n_rows, n_cols = out.shape
-    for r in prange(n_rows):
-        row = q[r]
-        y = out[r]
-        for b in range(n_cols // QK_K):
-            o = b * BLOCK_BYTES
-            d = _load_f32(row, o + D)
-            for j in range(QK_K):
-                y[b * QK_K + j] = np.float32(d * np.float32(np.int8(row[o + QS + j])))
+    """dequantize_row_q8_K over rows: q uint8 (rows, cols/256*292) → out float32 (rows, cols)."""
+    for r in prange(out.shape[0]):
+        for b in range(out.shape[1] // QK_K):
+            dequantize_block(q[r], b * BLOCK_BYTES, out[r], b * QK_K)

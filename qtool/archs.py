@@ -1,70 +1,213 @@
-"""Supported architectures: how a Hugging Face config and tensor names become GGUF metadata and tensor names.
+"""Supported architectures, one record each: how a Hugging Face checkpoint becomes GGUF metadata and tensors, and
+how a GGUF file's metadata reads back as the model's hyperparameters.
 
-Adding an architecture is one entry in ARCHS (plus tensor names if its checkpoint spells them differently).
+The converter writes hparams through `Arch.hparams` (`hparam_metadata`) and names tensors through `Arch.hf_tensors`
+(`gguf_tensor_name`); the runner reads a file through `hparams_from_gguf`, so both sides use the same keys and the
+same record. Adding an architecture is one `Arch` entry in ARCHS (plus HF tensor names if its checkpoint spells
+them differently).
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from qtool.errors import QtoolError
+from qtool.formats.constants import Keys, ModelTensor, ValueType, arch_key, tensor_name
+
+K, M = Keys, ModelTensor
+U32, F32 = ValueType.UINT32, ValueType.FLOAT32
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+REQUIRED = _Marker("REQUIRED")  # config.json must have it
+OPTIONAL = _Marker("OPTIONAL")  # written only when config.json has it
+GIVEN = _Marker("GIVEN")  # the converter supplies it (file type, vocabulary size)
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One metadata entry written from config.json: the first of `hf` present (at the top level, then in
+    rope_parameters) wins, else `default` (a value, a function of the config, or one of the markers)."""
+    key: str  # a Keys template
+    vtype: ValueType
+    hf: tuple[str, ...] = ()
+    default: Any = REQUIRED
+
+    def value(self, config: Mapping[str, Any]) -> Any:
+        found = _config_value(config, self.hf)
+        if found is not None:
+            return found
+        if self.default is REQUIRED:
+            raise QtoolError(f"config.json has none of {', '.join(self.hf)}")
+        if callable(self.default) and not isinstance(self.default, _Marker):
+            return self.default(config)
+        return self.default
+
+    def number(self, config: Mapping[str, Any]) -> int | float:
+        """value() as the key's type (a positive integer, or a float)."""
+        v = self.value(config)
+        try:
+            n = float(v) if self.vtype == F32 else int(v)
+        except (TypeError, ValueError):
+            n = None
+        if n is None or isinstance(v, bool) or self.vtype != F32 and (n != v or n <= 0):
+            raise QtoolError(f"config.json: {self.hf[0] if self.hf else self.key} is {v!r}, not a "
+                             f"{'number' if self.vtype == F32 else 'positive integer'}")
+        return n
+
+
+def _config_value(config: Mapping[str, Any], hf_keys: tuple[str, ...]) -> Any:
+    for k in hf_keys:
+        if config.get(k) is not None:
+            return config[k]
+    rope = config.get("rope_parameters") or {}
+    for k in hf_keys:
+        if rope.get(k) is not None:
+            return rope[k]
+    return None
+
+
+def _head_dim(config: Mapping[str, Any]) -> int:
+    return HP_HIDDEN.number(config) // HP_HEADS.number(config)
+
+
+HP_HIDDEN = HParam(K.LLM.EMBEDDING_LENGTH, U32, ("hidden_size",))
+HP_HEADS = HParam(K.Attention.HEAD_COUNT, U32, ("num_attention_heads",))
+HP_HEADS_KV = HParam(K.Attention.HEAD_COUNT_KV, U32, ("num_key_value_heads",), default=HP_HEADS.value)
+HP_LAYERS = HParam(K.LLM.BLOCK_COUNT, U32, ("num_hidden_layers",))
+HP_ROPE_BASE = HParam(K.Rope.FREQ_BASE, F32, ("rope_theta",), default=10000.0)
+HP_HEAD_DIM = HParam(K.Attention.KEY_LENGTH, U32, ("head_dim",), default=_head_dim)
+
+
+def _text_model(head_dim_default: Any) -> tuple[HParam, ...]:
+    """convert_hf_to_gguf.py's TextModel.set_gguf_parameters, in its order. It reads config.json through
+    transformers' AutoConfig, which fills in the config class's defaults (RMS epsilon 1e-6, and in LlamaConfig and
+    MistralConfig a head_dim: llama files always carry key_length and value_length, qwen2 files only when
+    config.json gives head_dim)."""
+    return (
+        HP_LAYERS,
+        HParam(K.LLM.CONTEXT_LENGTH, U32, ("max_position_embeddings",)),
+        HP_HIDDEN,
+        HParam(K.LLM.FEED_FORWARD_LENGTH, U32, ("intermediate_size",)),
+        HP_HEADS,
+        HP_HEADS_KV,
+        HP_ROPE_BASE,
+        HParam(K.Attention.LAYERNORM_RMS_EPS, F32, ("rms_norm_eps",), default=1e-6),
+        HParam(K.Attention.KEY_LENGTH, U32, ("head_dim",), default=head_dim_default),
+        HParam(K.Attention.VALUE_LENGTH, U32, ("head_dim",), default=head_dim_default),
+        HParam(K.General.FILE_TYPE, U32, default=GIVEN),
+    )
+
+
+# the layers of the llama family as transformers names them; "{bid}" is the layer number
+LLAMA_HF_TENSORS: dict[str, ModelTensor] = {
+    "model.embed_tokens": M.TOKEN_EMBD,
+    "model.norm": M.OUTPUT_NORM,
+    "lm_head": M.OUTPUT,
+    "model.layers.{bid}.input_layernorm": M.ATTN_NORM,
+    "model.layers.{bid}.self_attn.q_proj": M.ATTN_Q,
+    "model.layers.{bid}.self_attn.k_proj": M.ATTN_K,
+    "model.layers.{bid}.self_attn.v_proj": M.ATTN_V,
+    "model.layers.{bid}.self_attn.o_proj": M.ATTN_OUT,
+    "model.layers.{bid}.post_attention_layernorm": M.FFN_NORM,
+    "model.layers.{bid}.mlp.gate_proj": M.FFN_GATE,
+    "model.layers.{bid}.mlp.up_proj": M.FFN_UP,
+    "model.layers.{bid}.mlp.down_proj": M.FFN_DOWN,
+}
+LLAMA_TENSORS = frozenset({M.TOKEN_EMBD, M.OUTPUT_NORM, M.OUTPUT, M.ROPE_FREQS, M.ATTN_NORM, M.ATTN_Q, M.ATTN_K,
+                           M.ATTN_V, M.ATTN_OUT, M.FFN_NORM, M.FFN_GATE, M.FFN_UP, M.FFN_DOWN})
 
 
 @dataclass(frozen=True)
 class Arch:
     gguf_name: str  # general.architecture
-    permute_qk: bool  # llama.cpp's llama graph expects interleaved-pair RoPE rows in attn_q / attn_k
-    biases: bool = False  # q/k/v projections carry biases
+    hf_classes: tuple[str, ...]  # config.json "architectures" entries converted to it
+    hparams: tuple[HParam, ...]  # written in this order, as convert_hf_to_gguf.py does
+    rope_mode: str  # "normal": adjacent pairs (llama.cpp's llama graph); "neox": halves of each head
+    permute_qk: bool  # HF rotates halves; a "normal" graph needs attn_q / attn_k rows interleaved per head
+    tensors: frozenset[ModelTensor]  # the weights (and norms) its llama.cpp graph reads; others are refused
+    biases: frozenset[ModelTensor]  # which of them may carry a ".bias" (a checkpoint bias elsewhere is refused)
+    hf_tensors: Mapping[str, ModelTensor]  # checkpoint name stem ("model.layers.{bid}.mlp.up_proj") → kind
+    space_prefix: bool = False  # writes tokenizer_config's add_prefix_space (llama.cpp's LlamaModel.set_vocab)
 
 
-ARCHS: dict[str, Arch] = {
-    "LlamaForCausalLM": Arch("llama", permute_qk=True),
-    "MistralForCausalLM": Arch("llama", permute_qk=True),
-    "Qwen2ForCausalLM": Arch("qwen2", permute_qk=False, biases=True),
-}
+ARCHS: dict[str, Arch] = {a.gguf_name: a for a in (
+    Arch("llama", ("LlamaForCausalLM", "MistralForCausalLM"),
+         hparams=_text_model(head_dim_default=_head_dim) + (  # LlamaModel adds these two
+             HParam(K.LLM.VOCAB_SIZE, U32, default=GIVEN),
+             HParam(K.Rope.DIMENSION_COUNT, U32, ("head_dim",), default=_head_dim)),
+         rope_mode="normal", permute_qk=True, tensors=LLAMA_TENSORS,
+         biases=frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.ATTN_OUT}),  # optional: only with attention_bias
+         hf_tensors=LLAMA_HF_TENSORS, space_prefix=True),
+    Arch("qwen2", ("Qwen2ForCausalLM",),
+         hparams=_text_model(head_dim_default=OPTIONAL),  # TextModel's own: no vocab_size, no rope dimensions
+         rope_mode="neox", permute_qk=False, tensors=LLAMA_TENSORS - {M.ROPE_FREQS},
+         biases=frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V}),  # always present
+         hf_tensors=LLAMA_HF_TENSORS),
+)}
+BY_HF_CLASS: dict[str, Arch] = {c: a for a in ARCHS.values() for c in a.hf_classes}
 
-# HF name → GGUF name; "{}" is the layer number
-TENSOR_NAMES: dict[str, str] = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{}.input_layernorm.weight": "blk.{}.attn_norm.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "blk.{}.attn_q.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "blk.{}.attn_k.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "blk.{}.attn_v.weight",
-    "model.layers.{}.self_attn.q_proj.bias": "blk.{}.attn_q.bias",
-    "model.layers.{}.self_attn.k_proj.bias": "blk.{}.attn_k.bias",
-    "model.layers.{}.self_attn.v_proj.bias": "blk.{}.attn_v.bias",
-    "model.layers.{}.self_attn.o_proj.weight": "blk.{}.attn_output.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "blk.{}.ffn_norm.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "blk.{}.ffn_gate.weight",
-    "model.layers.{}.mlp.up_proj.weight": "blk.{}.ffn_up.weight",
-    "model.layers.{}.mlp.down_proj.weight": "blk.{}.ffn_down.weight",
-}
+
+def arch_for(config: Mapping[str, Any]) -> tuple[str, Arch]:
+    """The record for a config.json's "architectures" (the first supported one wins)."""
+    names = config.get("architectures") or []
+    for name in names:
+        if name in BY_HF_CLASS:
+            return name, BY_HF_CLASS[name]
+    shown = ", ".join(names) if names else "none given in config.json"
+    raise QtoolError(f"unsupported architecture ({shown}); qtool supports {', '.join(BY_HF_CLASS)}")
+
+
+def hparam_metadata(arch: Arch, config: Mapping[str, Any], given: Mapping[str, Any]
+                    ) -> list[tuple[str, Any, ValueType, None]]:
+    """The architecture's metadata entries in order; `given` holds the GIVEN ones by key (filled templates)."""
+    out = []
+    for hp in arch.hparams:
+        key = arch_key(hp.key, arch.gguf_name)
+        if hp.default is GIVEN:
+            value = given[key]
+        elif hp.default is OPTIONAL and _config_value(config, hp.hf) is None:
+            continue
+        else:
+            value = hp.number(config)
+        out.append((key, value, hp.vtype, None))
+    return out
+
+
 # present in some checkpoints, recomputed by llama.cpp
 IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """GGUF name for a checkpoint tensor; None for tensors llama.cpp does not need."""
+def hf_tensor_kind(hf_name: str, arch: Arch) -> tuple[ModelTensor, int | None, str] | None:
+    """(kind, layer, "weight" | "bias") of a checkpoint tensor; None for tensors llama.cpp does not need."""
     if IGNORED.match(hf_name):
         return None
-    m = _LAYER.search(hf_name)
-    key = hf_name[:m.start()] + ".{}." + hf_name[m.end():] if m else hf_name
-    target = TENSOR_NAMES.get(key)
-    if target is None:
+    stem, _, suffix = hf_name.rpartition(".")
+    m = _LAYER.search(stem + ".")
+    key = (stem[:m.start()] + ".{bid}." + stem[m.end():] if m else stem).rstrip(".")
+    kind = arch.hf_tensors.get(key)
+    if (kind is None or kind not in arch.tensors or suffix not in ("weight", "bias")
+            or suffix == "bias" and kind not in arch.biases):
         raise QtoolError(f"tensor {hf_name} has no GGUF equivalent in qtool's name table")
-    return target.format(m.group(1)) if m else target
+    return kind, int(m.group(1)) if m else None, suffix
 
 
-def arch_for(config: dict) -> tuple[str, Arch]:
-    names = config.get("architectures") or []
-    for name in names:
-        if name in ARCHS:
-            return name, ARCHS[name]
-    shown = ", ".join(names) if names else "none given in config.json"
-    raise QtoolError(f"unsupported architecture ({shown}); qtool supports {', '.join(ARCHS)}")
+def gguf_tensor_name(hf_name: str, arch: Arch | None = None) -> str | None:
+    """GGUF name for a checkpoint tensor ("blk.3.attn_q.weight"); None for tensors llama.cpp does not need."""
+    found = hf_tensor_kind(hf_name, arch or ARCHS["llama"])
+    return None if found is None else tensor_name(*found)
 
 
 def permute_qk(w, n_head: int):
@@ -77,3 +220,80 @@ def permute_qk(w, n_head: int):
 def unpermute_qk(w, n_head: int):
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading a GGUF file back (the runner)
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HParams:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int  # K and Q
+    head_dim_v: int
+    n_ff: int
+    eps: float
+    rope_base: float
+    n_rot: int
+    rope_mode: str  # "normal" | "neox"
+    freq_scale: float
+    n_ctx_train: int
+
+
+def hparams_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any] | None = None) -> HParams:
+    """The runner's hyperparameters from a file's metadata, with llama.cpp's defaults for absent keys. n_vocab is
+    token_embd's row count when `tensors` (name → an object with .shape) is given, else {arch}.vocab_size or the
+    token list's length. Problems raise QtoolError(problem); the caller prefixes the path."""
+    arch = metadata.get(K.General.ARCHITECTURE)
+    if arch not in ARCHS:
+        raise QtoolError(f"architecture {arch!r} is not supported by the runner (supported: {', '.join(ARCHS)})")
+
+    def key(template: str, default: Any = None, required: bool = False) -> Any:
+        name = arch_key(template, arch)
+        v = metadata.get(name, default)
+        if v is None and required:
+            raise QtoolError(f"metadata {name} is missing")
+        if isinstance(v, (np.ndarray, list, tuple)):  # per-layer arrays: only uniform ones are supported
+            a = np.asarray(v)
+            if a.size == 0 or not np.all(a == a.flat[0]):
+                raise QtoolError(f"metadata {name} varies by layer, which the runner does not support")
+            v = a.flat[0].item()
+        return v
+
+    n_embd = int(key(K.LLM.EMBEDDING_LENGTH, required=True))
+    n_head = int(key(K.Attention.HEAD_COUNT, required=True))
+    n_head_kv = int(key(K.Attention.HEAD_COUNT_KV, n_head))
+    if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
+        raise QtoolError(f"{n_head} attention heads cannot share {n_head_kv} KV heads")
+    head_dim = int(key(K.Attention.KEY_LENGTH, n_embd // n_head))
+    head_dim_v = int(key(K.Attention.VALUE_LENGTH, head_dim))
+    n_rot = int(key(K.Rope.DIMENSION_COUNT, head_dim))
+    if n_rot % 2 or n_rot > head_dim:
+        raise QtoolError(f"rope.dimension_count {n_rot} does not fit head size {head_dim}")
+    freq_scale = 1.0
+    stype = key(K.Rope.SCALING_TYPE)
+    if stype in ("linear",):
+        factor = float(key(K.Rope.SCALING_FACTOR, 1.0) or 1.0)
+        freq_scale = 1.0 / factor if factor else 1.0
+    elif stype not in (None, "none"):
+        raise QtoolError(f"RoPE scaling {stype!r} is not supported by the runner (linear and Llama 3's are)")
+    embd_name = tensor_name(M.TOKEN_EMBD)
+    if tensors is not None:
+        emb = tensors.get(embd_name)
+        if emb is None:
+            raise QtoolError(f"tensor {embd_name} is missing")
+        n_vocab = int(emb.shape[0])
+    else:
+        tokens = metadata.get(K.Tokenizer.LIST)
+        n_vocab = int(key(K.LLM.VOCAB_SIZE, len(tokens) if tokens is not None else 0) or 0)
+    return HParams(arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(key(K.LLM.BLOCK_COUNT, required=True)),
+                   n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
+                   n_ff=int(key(K.LLM.FEED_FORWARD_LENGTH, 0)),
+                   eps=float(key(K.Attention.LAYERNORM_RMS_EPS, 1e-5)),
+                   rope_base=float(key(K.Rope.FREQ_BASE, 10000.0)), n_rot=n_rot, rope_mode=ARCHS[arch].rope_mode,
+                   freq_scale=freq_scale, n_ctx_train=int(key(K.LLM.CONTEXT_LENGTH, 0) or 0))

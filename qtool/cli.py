@@ -20,6 +20,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
 from qtool.errors import QtoolError, UsageError
+from qtool.formats.constants import FILE_TYPES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress Hugging Face LLM checkpoints into GGUF files llama.cpp runs, and inspect them.")
@@ -45,8 +46,7 @@ def _default_output(model_name: str, type_name: str) -> Path:
 def convert(
     src: str = typer.Argument(..., help="Checkpoint folder (config.json + safetensors) or Hugging Face repo id"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file [default: <model>.<TYPE>.gguf]"),
-    type_name: str = typer.Option("Q8_0", "--type", "-t", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S "
-                                  "Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K"),
+    type_name: str = typer.Option("Q8_0", "--type", "-t", help=" ".join(FILE_TYPES)),
     pure: bool = typer.Option(False, "--pure", help="No mixture: every quantizable tensor gets the type's base type"),
     output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type for output.weight"),
     token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",

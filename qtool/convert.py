@@ -17,8 +17,10 @@ import numpy as np
 from qtool import archs, recipes
 from qtool.errors import QtoolError
 from qtool.formats.checkpoint import PICKLE_SUFFIXES, Checkpoint, resolve_source
-from qtool.formats.constants import FILE_TYPES, FLOAT_TYPES, GGML_QUANTIZATION_VERSION, GGMLType, ValueType
+from qtool.formats.constants import (FILE_TYPES, FLOAT_TYPES, GGML_QUANTIZATION_VERSION, GGMLType,
+                                    Keys, ModelTensor, ValueType, arch_key, tensor_name)
 from qtool.formats.gguf_writer import GGUFWriter
+from qtool.formats.hf_metadata import general_metadata, model_card_warning
 from qtool.formats.hf_tokenizer import tokenizer_metadata
 from qtool.recipes import RecipeOptions
 
@@ -61,31 +63,6 @@ class Plan:
         return sum(math.prod(j.shape) for j in self.jobs)
 
 
-def size_label(n_params: int) -> str:
-    """llama.cpp's general.size_label: 260K, 5.0M, 7B (at least two significant digits)."""
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M")):
-        if n_params > scale:
-            break
-    else:
-        scale, suffix = 1e3, "K"
-    scaled = n_params / scale
-    decimals = max(2 - len(str(round(scaled)).lstrip("0")), 0)
-    return f"{scaled:.{decimals}f}{suffix}"
-
-
-def _hparam(config: dict, *keys: str, default=None):
-    for k in keys:
-        if config.get(k) is not None:
-            return config[k]
-    rope = config.get("rope_parameters") or {}
-    for k in keys:
-        if rope.get(k) is not None:
-            return rope[k]
-    if default is None:
-        raise QtoolError(f"config.json has none of {', '.join(keys)}")
-    return default
-
-
 def _rope_scaling(config: dict) -> dict:
     return config.get("rope_scaling") or config.get("rope_parameters") or {}
 
@@ -93,7 +70,7 @@ def _rope_scaling(config: dict) -> dict:
 def _llama3_rope_factors(config: dict, head_dim: int) -> np.ndarray:
     """Per-frequency scaling factors llama.cpp reads from the rope_freqs tensor (Llama 3.1 style scaling)."""
     rs = _rope_scaling(config)
-    base = float(_hparam(config, "rope_theta", default=10000.0))
+    base = archs.HP_ROPE_BASE.number(config)
     factor = rs.get("factor", 8.0)
     low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
     old_ctx = rs.get("original_max_position_embeddings", 8192)
@@ -109,30 +86,6 @@ def _llama3_rope_factors(config: dict, head_dim: int) -> np.ndarray:
             smooth = (old_ctx / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
-
-
-def _arch_metadata(arch: str, config: dict, n_vocab: int, file_type: int) -> list:
-    n_head = int(_hparam(config, "num_attention_heads"))
-    hidden = int(_hparam(config, "hidden_size"))
-    head_dim = config.get("head_dim")
-    u32, f32 = ValueType.UINT32, ValueType.FLOAT32
-    md = [
-        (f"{arch}.block_count", int(_hparam(config, "num_hidden_layers")), u32, None),
-        (f"{arch}.context_length", int(_hparam(config, "max_position_embeddings")), u32, None),
-        (f"{arch}.embedding_length", hidden, u32, None),
-        (f"{arch}.feed_forward_length", int(_hparam(config, "intermediate_size")), u32, None),
-        (f"{arch}.attention.head_count", n_head, u32, None),
-        (f"{arch}.attention.head_count_kv", int(_hparam(config, "num_key_value_heads", default=n_head)), u32, None),
-        (f"{arch}.rope.freq_base", float(_hparam(config, "rope_theta", default=10000.0)), f32, None),
-        (f"{arch}.attention.layer_norm_rms_epsilon", float(_hparam(config, "rms_norm_eps")), f32, None),
-    ]
-    if head_dim is not None:
-        md += [(f"{arch}.attention.key_length", int(head_dim), u32, None),
-               (f"{arch}.attention.value_length", int(head_dim), u32, None)]
-    md.append(("general.file_type", file_type, u32, None))
-    md.append((f"{arch}.vocab_size", n_vocab, u32, None))
-    md.append((f"{arch}.rope.dimension_count", int(head_dim or hidden // n_head), u32, None))
-    return md
 
 
 def plan(src: str, type_name: str, opts: RecipeOptions = RecipeOptions(), allow_requantize: bool = False) -> Plan:
@@ -169,23 +122,27 @@ def _assign_types(jobs: list[TensorJob], key: str, facts: recipes.ModelFacts, op
 def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
     config = ckpt.config
     _, arch = archs.arch_for(config)
-    n_head = int(_hparam(config, "num_attention_heads"))
-    n_head_kv = int(_hparam(config, "num_key_value_heads", default=n_head))
-    tok = tokenizer_metadata(ckpt.folder, config)
-    n_vocab = len(next(v for k, v, *_ in tok.entries if k == "tokenizer.ggml.tokens"))
+    n_head = archs.HP_HEADS.number(config)
+    n_head_kv = archs.HP_HEADS_KV.number(config)
+    tok = tokenizer_metadata(ckpt.folder, config, space_prefix=arch.space_prefix)
+    n_vocab = len(next(v for k, v, *_ in tok.entries if k == Keys.Tokenizer.LIST))
 
     jobs: list[TensorJob] = []
-    head_dim = config.get("head_dim") or int(_hparam(config, "hidden_size")) // n_head
-    if (_rope_scaling(config).get("rope_type") or "").lower() == "llama3":
+    head_dim = archs.HP_HEAD_DIM.number(config)
+    # Llama 3.1 style scaling becomes a tensor (llama.cpp's LlamaModel.generate_extra_tensors)
+    if ModelTensor.ROPE_FREQS in arch.tensors and (_rope_scaling(config).get("rope_type") or "").lower() == "llama3":
         factors = _llama3_rope_factors(config, head_dim)
-        jobs.append(TensorJob("rope_freqs.weight", factors.shape, GGMLType.F32, lambda f=factors: Stored(f, "F32")))
+        jobs.append(TensorJob(tensor_name(ModelTensor.ROPE_FREQS), factors.shape, GGMLType.F32,
+                              lambda f=factors: Stored(f, "F32")))
 
     for hf_name in ckpt.names:
-        name = archs.gguf_tensor_name(hf_name)
-        if name is None:
+        found = archs.hf_tensor_kind(hf_name, arch)
+        if found is None:
             continue
-        heads = n_head if ".attn_q." in name else n_head_kv if ".attn_k." in name else 0
-        permute = arch.permute_qk and heads > 0 and name.endswith(".weight")
+        name = tensor_name(*found)
+        kind, _, suffix = found
+        heads = {ModelTensor.ATTN_Q: n_head, ModelTensor.ATTN_K: n_head_kv}.get(kind, 0)
+        permute = arch.permute_qk and heads > 0 and suffix == "weight"
 
         def load(hf_name=hf_name, heads=heads, permute=permute):
             values, dtype = ckpt.stored(hf_name)
@@ -195,21 +152,23 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
         jobs.append(TensorJob(name, ckpt.shape(hf_name), GGMLType.F32, load))
     if not jobs:
         raise QtoolError(f"{ckpt.folder}: no tensors to convert")
-    n_layer = int(_hparam(config, "num_hidden_layers"))
+    n_layer = archs.HP_LAYERS.number(config)
     _assign_types(jobs, key, recipes.ModelFacts(arch.gguf_name, n_layer, n_head, n_head_kv), opts)
 
     model_name = ckpt.folder.name if ckpt.folder.name not in ("", ".") else "model"
     if "snapshots" in ckpt.folder.parts:  # hub cache: models--org--name/snapshots/<hash>
         model_name = next((p.split("--")[-1] for p in ckpt.folder.parts if p.startswith("models--")), model_name)
     n_params = sum(math.prod(j.shape) for j in jobs)
-    md = [("general.architecture", arch.gguf_name, ValueType.STRING, None),
-          ("general.type", "model", ValueType.STRING, None),
-          ("general.name", model_name, ValueType.STRING, None),
-          ("general.size_label", size_label(n_params), ValueType.STRING, None)]
-    md += _arch_metadata(arch.gguf_name, config, n_vocab, int(FILE_TYPES[key]))
-    md.append(("general.quantization_version", GGML_QUANTIZATION_VERSION, ValueType.UINT32, None))
+    G = Keys.General
+    md = [(G.ARCHITECTURE, arch.gguf_name, ValueType.STRING, None),
+          (G.TYPE, "model", ValueType.STRING, None)]
+    md += general_metadata(ckpt.folder, config, model_name, n_params)
+    md += archs.hparam_metadata(arch, config, {
+        G.FILE_TYPE: int(FILE_TYPES[key]), arch_key(Keys.LLM.VOCAB_SIZE, arch.gguf_name): n_vocab})
+    md.append((G.QUANTIZATION_VERSION, GGML_QUANTIZATION_VERSION, ValueType.UINT32, None))
     md += tok.entries
-    return Plan(md, jobs, model_name, key, tok.warnings, ckpt.close)
+    card = model_card_warning(ckpt.folder)
+    return Plan(md, jobs, model_name, key, tok.warnings + ([card] if card else []), ckpt.close)
 
 
 def _plan_gguf(path: Path, key: str, opts: RecipeOptions, allow_requantize: bool) -> Plan:
@@ -231,11 +190,12 @@ def _plan_gguf(path: Path, key: str, opts: RecipeOptions, allow_requantize: bool
         if requant:
             warnings.append(f"requantizing {len(requant)} already-quantized tensors; quality will suffer")
         # as llama-quantize does: copy the metadata, then append the quantization version and file type
+        G = Keys.General
         md = [(k, f.value, f.type, f.elem_type) for k, f in g.fields.items()
-              if k not in ("general.file_type", "general.quantization_version", "general.alignment")]
-        md.append(("general.quantization_version", GGML_QUANTIZATION_VERSION, ValueType.UINT32, None))
-        md.append(("general.file_type", int(FILE_TYPES[key]), ValueType.UINT32, None))
-        name = str(g.get("general.name") or path.stem.split(".")[0])
+              if k not in (G.FILE_TYPE, G.QUANTIZATION_VERSION, G.ALIGNMENT)]
+        md.append((G.QUANTIZATION_VERSION, GGML_QUANTIZATION_VERSION, ValueType.UINT32, None))
+        md.append((G.FILE_TYPE, int(FILE_TYPES[key]), ValueType.UINT32, None))
+        name = str(g.get(G.NAME) or path.stem.split(".")[0])
         return Plan(md, jobs, name, key, warnings, g.close, source=g)
     except BaseException:
         g.close()

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from qtool.errors import QtoolError
-from qtool.formats.constants import FILE_TYPES, FileType
+from qtool.formats.constants import FILE_TYPES, FileType, Keys, arch_key
 from qtool.formats.gguf_reader import GGUFFile
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
-SUMMARY_KEYS = ("general.architecture", "general.name", "general.file_type", "general.alignment")
+SUMMARY_KEYS = (Keys.General.ARCHITECTURE, Keys.General.NAME, Keys.General.FILE_TYPE, Keys.General.ALIGNMENT)
 
 
 def layer_of(name: str) -> str:
@@ -57,24 +57,25 @@ def _short(value: Any, limit: int = 8) -> Any:
 
 def gguf_report(path: Path, full_meta: bool = False) -> dict:
     with GGUFFile(path) as g:
-        arch = g.get("general.architecture", "?")
+        arch = g.get(Keys.General.ARCHITECTURE, "?")
         tensors = [{"name": t.name, "shape": list(t.shape), "type": t.ggml_type.name, "n_elements": t.n_elements,
                     "nbytes": t.nbytes, "offset": t.offset, "bits_per_weight": 8 * t.nbytes / max(t.n_elements, 1)}
                    for t in g.tensors.values()]
-        ft = g.get("general.file_type")
+        ft = g.get(Keys.General.FILE_TYPE)
         try:
             ft_name = FileType(ft).name.replace("MOSTLY_", "").replace("ALL_", "") if ft is not None else None
         except ValueError:
             ft_name = str(ft)
         params = sum(t["n_elements"] for t in tensors)
         data_bytes = sum(t["nbytes"] for t in tensors)
-        tokens = g.get("tokenizer.ggml.tokens")
+        tokens = g.get(Keys.Tokenizer.LIST)
         report = {
             "file": str(path), "file_bytes": g.size, "gguf_version": g.version, "architecture": arch,
-            "name": g.get("general.name"), "file_type": ft_name,
-            "context_length": g.get(f"{arch}.context_length"),
-            "embedding_length": g.get(f"{arch}.embedding_length"), "block_count": g.get(f"{arch}.block_count"),
-            "vocab_size": g.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None),
+            "name": g.get(Keys.General.NAME), "file_type": ft_name,
+            "context_length": g.get(arch_key(Keys.LLM.CONTEXT_LENGTH, arch)),
+            "embedding_length": g.get(arch_key(Keys.LLM.EMBEDDING_LENGTH, arch)),
+            "block_count": g.get(arch_key(Keys.LLM.BLOCK_COUNT, arch)),
+            "vocab_size": g.get(arch_key(Keys.LLM.VOCAB_SIZE, arch), len(tokens) if tokens is not None else None),
             "alignment": g.alignment, "tensor_count": len(tensors), "parameters": params,
             "tensor_bytes": data_bytes, "bits_per_weight": 8 * data_bytes / params if params else 0.0,
             "types": {k: sum(1 for t in tensors if t["type"] == k) for k in sorted({t["type"] for t in tensors})},

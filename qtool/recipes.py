@@ -20,7 +20,7 @@ from enum import Enum, auto
 from typing import Any
 
 from qtool.errors import QtoolError, UsageError
-from qtool.formats.constants import FILE_TYPES, FLOAT_TYPES, TYPE_INFO, FileType, GGMLType
+from qtool.formats.constants import FILE_TYPES, FLOAT_TYPES, TYPE_INFO, FileType, GGMLType, Keys, arch_key
 
 F = FileType  # short names keep the rule tables readable
 T = GGMLType
@@ -110,17 +110,17 @@ class ModelFacts:
     @classmethod
     def from_gguf_kv(cls, kv: Mapping[str, Any]) -> ModelFacts:
         """From GGUF metadata (plain Python values; per-layer head-count arrays use layer 0, as n_gqa() does)."""
-        arch = str(kv["general.architecture"])
+        arch = str(kv[Keys.General.ARCHITECTURE])
 
-        def first(key: str, default: int) -> int:
-            value = kv.get(f"{arch}.{key}", default)
-            if isinstance(value, (list, tuple)):
-                value = value[0] if value else default
+        def first(template: str, default: int) -> int:
+            value = kv.get(arch_key(template, arch), default)
+            if not isinstance(value, (int, float, str)):  # a per-layer list or array
+                value = value[0] if len(value) else default
             return int(value)
 
-        n_head = first("attention.head_count", 0)
-        return cls(arch=arch, n_layer=first("block_count", 0), n_head=n_head,
-                   n_head_kv=first("attention.head_count_kv", n_head), n_expert=first("expert_count", 0))
+        n_head = first(Keys.Attention.HEAD_COUNT, 0)
+        return cls(arch=arch, n_layer=first(Keys.LLM.BLOCK_COUNT, 0), n_head=n_head,
+                   n_head_kv=first(Keys.Attention.HEAD_COUNT_KV, n_head), n_expert=first(Keys.LLM.EXPERT_COUNT, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

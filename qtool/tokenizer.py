@@ -19,9 +19,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from qtool.errors import QtoolError
+from qtool.formats.constants import Keys, TokenType
 
-# llama.cpp's llama_token_type (the values of tokenizer.ggml.token_type)
-UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(7)
+KT = Keys.Tokenizer
+# the values of tokenizer.ggml.token_type, by their short names
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL,
+                                                        TokenType.USER_DEFINED, TokenType.UNUSED, TokenType.BYTE)
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
@@ -128,15 +131,15 @@ class Tokenizer:
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         """Build from GGUF key/values ("tokenizer.ggml.*"), with llama.cpp's defaults for missing keys."""
-        model = meta.get("tokenizer.ggml.model")
-        tokens = meta.get("tokenizer.ggml.tokens")
+        model = meta.get(KT.MODEL)
+        tokens = meta.get(KT.LIST)
         if model is None or tokens is None:
             raise QtoolError("the file has no tokenizer (tokenizer.ggml.model and tokenizer.ggml.tokens are needed)")
         tokens = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in tokens]
         n = len(tokens)
-        types = meta.get("tokenizer.ggml.token_type")
-        scores = meta.get("tokenizer.ggml.scores")
-        if model == "gpt2" and meta.get("tokenizer.ggml.merges") is None:
+        types = meta.get(KT.TOKEN_TYPE)
+        scores = meta.get(KT.SCORES)
+        if model == "gpt2" and meta.get(KT.MERGES) is None:
             raise QtoolError("byte-level BPE tokenizer without tokenizer.ggml.merges")
         # llama.cpp's default special ids when the file names none: SPM <unk>=0 <s>=1 </s>=2; GPT-2 BPE 11 for both
         bos_default, eos_default, unk_default = (1, 2, 0) if model == "llama" else (11, 11, None)
@@ -146,15 +149,15 @@ class Tokenizer:
             return None if value is None else bool(value)
 
         return cls(str(model), tokens, [int(t) for t in types] if types is not None else None,
-                   scores, meta.get("tokenizer.ggml.merges"), str(meta.get("tokenizer.ggml.pre") or "default"),
-                   bos_id=_get_id(meta, "tokenizer.ggml.bos_token_id", n, bos_default),
-                   eos_id=_get_id(meta, "tokenizer.ggml.eos_token_id", n, eos_default),
-                   unk_id=_get_id(meta, "tokenizer.ggml.unknown_token_id", n, unk_default),
-                   pad_id=_get_id(meta, "tokenizer.ggml.padding_token_id", n, None),
-                   eot_id=_get_id(meta, "tokenizer.ggml.eot_token_id", n, None),
-                   eom_id=_get_id(meta, "tokenizer.ggml.eom_token_id", n, None),
-                   add_bos=flag("tokenizer.ggml.add_bos_token"), add_eos=bool(flag("tokenizer.ggml.add_eos_token")),
-                   add_space_prefix=flag("tokenizer.ggml.add_space_prefix"))
+                   scores, meta.get(KT.MERGES), str(meta.get(KT.PRE) or "default"),
+                   bos_id=_get_id(meta, KT.BOS_ID, n, bos_default),
+                   eos_id=_get_id(meta, KT.EOS_ID, n, eos_default),
+                   unk_id=_get_id(meta, KT.UNK_ID, n, unk_default),
+                   pad_id=_get_id(meta, KT.PAD_ID, n, None),
+                   eot_id=_get_id(meta, KT.EOT_ID, n, None),
+                   eom_id=_get_id(meta, KT.EOM_ID, n, None),
+                   add_bos=flag(KT.ADD_BOS), add_eos=bool(flag(KT.ADD_EOS)),
+                   add_space_prefix=flag(KT.ADD_PREFIX))
 
     # -- special tokens --------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece
 from safetensors.numpy import load_file
 
-from conftest import qtool
+from conftest import assert_same_metadata, qtool, shared_model
 from qtool.archs import gguf_tensor_name, unpermute_qk
 from qtool.formats.gguf_reader import GGUFFile
 
@@ -75,6 +75,15 @@ def test_metadata_carries_the_hyperparameters(model, converted, request):
     assert md["llama.vocab_size"] == c["vocab_size"]
     assert md["tokenizer.ggml.bos_token_id"] == 1 and md["tokenizer.ggml.eos_token_id"] == 2
     assert md["tokenizer.ggml.add_bos_token"] is True and md["tokenizer.ggml.add_eos_token"] is False
+
+
+@pytest.mark.parametrize("model", ["stories260K", "stories3M"])
+def test_f32_file_equals_convert_hf_to_gguf(model, converted, llama_convert):
+    """Every metadata key (the same keys in llama.cpp's order, value types and values), then the whole file."""
+    ours = converted(model, "F32")
+    theirs = llama_convert(shared_model(model))
+    assert_same_metadata(ours, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
 
 
 def test_tokenizer_metadata_equals_sentencepiece(stories260k, converted):
@@ -156,3 +165,20 @@ def test_hub_repo_id_is_read_from_an_offline_cache(tmp_path, stories260k):
     proc = qtool("convert", "karpathy/not-cached", "-o", tmp_path / "x.gguf", env=env)
     assert proc.returncode == 1 and "not in the local Hugging Face cache" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_makefile_batch_rules_cover_every_type(tmp_path):
+    """The Makefile's pattern rules read the --type names from FILE_TYPES, so a new type needs no Makefile edit."""
+    import shutil
+    import subprocess
+    from conftest import REPO
+    from qtool.formats.constants import FILE_TYPES
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    (tmp_path / "models" / "foo").mkdir(parents=True)
+    (tmp_path / "models" / "foo" / "config.json").write_text("{}")
+    targets = [f"models/foo.{t}.gguf" for t in FILE_TYPES]
+    proc = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), *targets], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split("--type ")[1].split()[0] for line in proc.stdout.splitlines()] == list(FILE_TYPES)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import qtool
+from conftest import assert_same_metadata, qtool
 from llama_oracle import need_llama_cpp
 from qtool.formats.gguf_reader import GGUFFile
 from qtool.formats.hf_tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT
@@ -96,6 +96,14 @@ def test_vocabulary_metadata(style, bpe_model):
         if style == "llama3":
             assert g.get("tokenizer.ggml.bos_token_id") == tok.token_to_id(specials[0])
             assert g.get("tokenizer.ggml.add_bos_token") is True
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_metadata_equals_convert_hf_to_gguf(style, bpe_model, llama_convert):
+    """Told the pre-tokenizer (a vocabulary trained here has no hash llama.cpp's converter knows), llama.cpp's
+    converter writes the same metadata. (Tensor order differs: it sorts the checkpoint's names.)"""
+    _, path = bpe_model(style)
+    assert_same_metadata(path, llama_convert(path.parent / "model", STYLES[style][0]))
 
 
 @pytest.mark.parametrize("style", list(STYLES))

@@ -194,3 +194,20 @@ def test_truncating_a_real_file_anywhere_gives_a_clear_error(tmp_path, converted
         path.write_bytes(data[:cut])
         with pytest.raises(QtoolError, match="truncated|bad magic"):
             GGUFFile(path)
+
+
+def test_keys_and_tensor_names_are_spelled_as_gguf_py_spells_them():
+    """formats/constants.py's Keys and TENSOR_NAMES against gguf-py's (llama-quantize's quantize.imatrix.* keys
+    and the imatrix file's tensor suffixes live in llama.cpp's C++ only)."""
+    import gguf
+    from qtool.formats.constants import TENSOR_NAMES, Keys
+    theirs = {v for cls in vars(gguf.Keys).values() if isinstance(cls, type)
+              for k, v in vars(cls).items() if isinstance(v, str) and not k.startswith("_")}
+    ours = {f"{name}.{k}": v for name, cls in vars(Keys).items() if isinstance(cls, type)
+            for k, v in vars(cls).items() if isinstance(v, str) and not k.startswith("_")}
+    unknown = {k: v for k, v in ours.items() if v not in theirs and not k.startswith("Quantize.")
+               and not v.startswith("{name}.")}
+    # newer than the gguf release on PyPI (0.19), already in the gguf-py vendored by llama-cpp-python 0.3.36
+    newer = {"Tokenizer.NORMALIZER_LOWERCASE", "Tokenizer.NORMALIZER_STRIP_ACCENTS"}
+    assert set(unknown) <= newer
+    assert set(TENSOR_NAMES.values()) <= set(gguf.TENSOR_NAMES.values())

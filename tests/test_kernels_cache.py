@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 
 from conftest import REPO
 
@@ -14,16 +15,26 @@ def test_cache_is_dropped_when_a_shared_kernel_source_changes(tmp_path):
     spec = importlib.util.spec_from_file_location("kernels_copy", pkg / "__init__.py",
                                                   submodule_search_locations=[str(pkg)])
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # first import: stamps the sources
+    sys.modules["kernels_copy"] = module  # importlib's recipe: a package's relative imports look it up there
+    try:
+        _check(module, pkg)
+    finally:
+        for name in [n for n in sys.modules if n == "kernels_copy" or n.startswith("kernels_copy.")]:
+            del sys.modules[name]
+
+
+def _check(module, pkg) -> None:
+    module.__spec__.loader.exec_module(module)  # first import: stamps the sources
     compiled = pkg / "__pycache__" / "q8_0.quantize-12.py311.nbi"
     compiled.write_bytes(b"x")
     module._drop_stale_cache()
     assert compiled.exists()  # sources unchanged: the cache stays
-    with open(pkg / "common.py", "a") as f:
-        f.write("\n# edited\n")
-    module._drop_stale_cache()
-    assert not compiled.exists()
-    compiled.write_bytes(b"x")
+    for shared in module._SHARED_SOURCES:  # an edit to any module others inline from drops it
+        with open(pkg / shared, "a") as f:
+            f.write("\n# edited\n")
+        module._drop_stale_cache()
+        assert not compiled.exists(), shared
+        compiled.write_bytes(b"x")
     (pkg / "q8_0.py").write_text((pkg / "q8_0.py").read_text() + "\n# numba itself notices this one\n")
     module._drop_stale_cache()
     assert compiled.exists()

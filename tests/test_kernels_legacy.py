@@ -5,13 +5,15 @@ llama.cpp's reference code and agrees with it except on zero signs and on inf/Na
 """
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 from llama_oracle import ggml_quantize, need_llama_cpp
+from rows import wide_scale_rows as random_rows
 
 from qtool import kernels
 from qtool.formats.constants import TYPE_INFO, GGMLType
+
+gguf = pytest.importorskip("gguf", reason="needs gguf-py (the test extra)")
 
 TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1]
 AFFINE = {GGMLType.Q4_1, GGMLType.Q5_1}  # d * q + m; the others are d * (q - 2^(bits-1))
@@ -21,16 +23,6 @@ f32 = np.float32
 
 def gguf_type(t: GGMLType) -> gguf.GGMLQuantizationType:
     return gguf.GGMLQuantizationType[t.name]
-
-
-def random_rows(seed: int) -> np.ndarray:
-    """64 rows of 256 weights: Gaussian rows at scales 1e-6 … 1e4, a heavy-tailed row set, a uniform one."""
-    rng = np.random.default_rng(seed)
-    scales = np.repeat([1e-6, 1e-2, 1.0, 1e4], 12)[:, None]
-    gauss = rng.standard_normal((48, 256)) * scales
-    heavy = rng.standard_t(2, (8, 256))
-    uniform = rng.uniform(-3, 3, (8, 256))
-    return np.concatenate([gauss, heavy, uniform]).astype(f32)
 
 
 def adversarial_blocks() -> tuple[np.ndarray, np.ndarray]:

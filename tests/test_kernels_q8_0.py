@@ -1,5 +1,4 @@
 """Q8_0 and the shared fp16 helpers, bit for bit against gguf-py (which matches llama.cpp's reference)."""
-import gguf
 import numpy as np
 import pytest
 from numba import njit
@@ -7,6 +6,8 @@ from numba import njit
 from qtool import kernels
 from qtool.formats.constants import GGMLType
 from qtool.kernels.common import fp16_bits
+
+gguf = pytest.importorskip("gguf", reason="needs gguf-py (the test extra)")
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 

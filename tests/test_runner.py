@@ -116,3 +116,28 @@ def test_decode_attention_equals_batch_attention(kv_type, converted, eval_text):
         m.close()
     bound = 1e-3 if kv_type == "q8_0" else 1e-4
     assert np.linalg.norm(one - batch[20:]) / np.linalg.norm(batch[20:]) < bound
+
+
+def test_weights_are_typed_records_and_a_missing_tensor_is_named(converted):
+    """The layer record holds every weight at its documented shape; loading names the file and the tensor that
+    is absent."""
+    from qtool.errors import QtoolError
+    from qtool.weights import load_weights
+    m = Model(converted("stories260K", "Q8_0"), n_ctx=16)
+    try:
+        c = m.cfg
+        assert len(m.w.layers) == c.n_layer
+        L = m.w.layers[1]
+        qd, kd = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        shapes = {name: (getattr(L, name).n_out, getattr(L, name).n_in)
+                  for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+        n_ff = L.w_gate.n_out
+        assert shapes == {"wq": (qd, c.n_embd), "wk": (kd, c.n_embd), "wv": (kd, c.n_embd), "wo": (c.n_embd, qd),
+                          "w_gate": (n_ff, c.n_embd), "w_up": (n_ff, c.n_embd), "w_down": (c.n_embd, n_ff)}
+        assert L.attn_norm.shape == L.ffn_norm.shape == (c.n_embd,) and L.bq is None
+        assert m.w.token_embd([3, 4]).shape == (2, c.n_embd)
+        del m.gguf.tensors["blk.1.ffn_up.weight"]
+        with pytest.raises(QtoolError, match=r"stories260K.*: tensor blk\.1\.ffn_up\.weight is missing"):
+            load_weights(m.gguf, m.cfg, m._fail)
+    finally:
+        m.close()

@@ -6,15 +6,18 @@ dot sees them (codes times scales), in float64. The kernels multiply the same in
 differs — except Q4_1/Q5_1, where llama.cpp (and we) take each block's activation sum rounded to fp16."""
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, dequantize
 
 from qtool import kernels
 from qtool.formats.constants import TYPE_INFO, GGMLType
 from qtool.kernels import matmul as mm
 from qtool.kernels import matvec as mv
 
-TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+from qtool.kernels.traits import TRAITS
+
+# every quantized type of the traits table with a fused kernel (F16/BF16 below)
+TYPES = [t.name for t, r in TRAITS.items() if r.fused is not None and r.codec is not None]
 FP16_SUMS = {"Q4_1", "Q5_1"}
+gguf = pytest.importorskip("gguf", reason="needs gguf-py (the test extra)")
 
 
 @pytest.mark.parametrize("type_name", TYPES)
@@ -32,7 +35,7 @@ def test_fused_kernel_equals_dequantized_product(type_name):
 
     act = mm.Act(mm.VEC_DOT_TYPE[t], x)
     out = mm.matvec(w, act)
-    w_deq = dequantize(packed, GGMLQuantizationType(int(t))).reshape(n_out, n_in).astype(np.float64)
+    w_deq = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType(int(t))).reshape(n_out, n_in).astype(np.float64)
     ref = act.dequantized().astype(np.float64) @ w_deq.T
     err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert err < (1e-3 if type_name in FP16_SUMS else 1e-6), err
@@ -56,3 +59,20 @@ def test_fused_float_kernels(kind):
     out = mm.matvec(mm.Weight("w", t, bits, 29, 200), act)
     ref = act.x.astype(np.float64) @ w_seen.T
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-6
+
+
+def test_weight_call_shares_one_act_per_kind():
+    """w(x, acts) is linear(w, x): the weights applied to one x convert it once per vec_dot kind, into acts."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    ws = [mm.Weight(t.name, t, kernels.quantize(t, rng.standard_normal((24, 512)).astype(np.float32)), 24, 512)
+          for t in (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0)]
+    acts = {}
+    outs = [w(x, acts) for w in ws]
+    assert sorted(acts) == ["q8_0", "q8_k"]
+    q8_k = acts["q8_k"]
+    for w, out in zip(ws, outs):
+        np.testing.assert_array_equal(out, mm.linear(w, x))
+        np.testing.assert_array_equal(w(x), out)
+    ws[0](x, acts)
+    assert acts["q8_k"] is q8_k  # reused, not converted again

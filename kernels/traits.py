@@ -1,0 +1,113 @@
+"""One row per ggml type: everything the kernels know about it (ggml's type_traits, gguf-py's quants.py table).
+
+Block size and bytes come from formats/constants.py's TYPE_INFO; the row adds the byte offset of each field of
+a block, where the codec (quantize/dequantize) lives, the activation type its dot product converts x to
+(matmul.Act's kinds), the fused decode kernel (matvec.py) and the prompt path's tile dequantizer. Every other
+per-type table in kernels/ is derived from `TRAITS`. Adding a type is one codec module plus one row here.
+
+Kernels are named, not imported, so that importing the table compiles and loads nothing (`qtool --help`).
+Kernel modules read their field offsets from here at import (numba freezes them as constants), which is why
+this file is in kernels/__init__.py's _SHARED_SOURCES.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from qtool.formats.constants import TYPE_INFO, GGMLType
+
+
+@dataclass(frozen=True)
+class Traits:
+    ggml_type: GGMLType
+    fields: dict[str, int]  # field name → byte offset in a block (ggml's block_* struct)
+    vec_dot: str | None  # matmul.Act kind of the activations in its dot product; None: not a runner weight type
+    codec: str | None  # module here with quantize(x, out) and dequantize(q, out); None: float types (convert.py)
+    fused: str | None = None  # matvec.py decode kernel
+    int16_vectors: bool = False  # the fused kernel's vectors sized by its int16 work (see matvec.py)
+    tile: str | None = None  # "module.function" dequantizing stored rows for the prompt path; default the codec's
+    kernels: tuple[str, str] = ("quantize", "dequantize")  # the codec's functions for this type
+
+    @property
+    def block_size(self) -> int:
+        return TYPE_INFO[self.ggml_type].block_size
+
+    @property
+    def type_size(self) -> int:
+        return TYPE_INFO[self.ggml_type].type_size
+
+    def quantize(self, x: np.ndarray, out: np.ndarray, quant_weights: np.ndarray | None = None) -> None:
+        """float32 rows x → packed rows out (C-contiguous uint8). quant_weights: an importance per column (the
+        imatrix); no quantizer takes one yet."""
+        if quant_weights is not None:
+            raise NotImplementedError(f"{self.ggml_type.name}: importance-weighted quantization is not implemented")
+        _load(f"{self.codec}.{self.kernels[0]}")(x, out)
+
+    def dequantize(self, q: np.ndarray, out: np.ndarray) -> None:
+        """Stored rows → float32 rows out (the prompt path's tiles, embeddings, `kernels.dequantize`)."""
+        if self.tile is not None:
+            _load(self.tile)(q, out)
+        else:
+            _load(f"{self.codec}.{self.kernels[1]}")(q, out)
+
+    def fused_kernel(self):
+        return _load(f"matvec.{self.fused}")
+
+
+def _load(name: str):
+    module, attr = name.rsplit(".", 1)
+    return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+
+
+def _row(t: GGMLType, vec_dot: str | None, codec: str | None, fields: dict[str, int], **kw) -> Traits:
+    # argument order chosen for reading the table: what it multiplies with, where its code is, its layout
+    return Traits(t, fields, vec_dot, codec, **kw)
+
+
+
+def _legacy(t: GGMLType, vec_dot: str, fields: dict[str, int]) -> Traits:
+    # the four legacy types share one codec module, legacy.py, with a kernel pair each
+    name = t.name.lower()
+    return Traits(t, fields, vec_dot, "legacy", fused=f"mv_{name}", int16_vectors=True,
+                  kernels=(f"quantize_{name}", f"dequantize_{name}"))
+
+
+T = GGMLType
+TRAITS: dict[GGMLType, Traits] = {r.ggml_type: r for r in (
+    _row(T.F32, "f32", None, {}, tile="floats.deq_f32"),
+    _row(T.F16, "f16", None, {}, fused="mv_f16", tile="floats.deq_f16"),
+    _row(T.BF16, "bf16", None, {}, fused="mv_bf16", tile="floats.deq_bf16"),
+    _row(T.Q8_0, "q8_0", "q8_0", {"d": 0, "qs": 2}, fused="mv_q8_0", int16_vectors=True),
+    _legacy(T.Q4_0, "q8_0", {"d": 0, "qs": 2}),
+    _legacy(T.Q4_1, "q8_1", {"d": 0, "m": 2, "qs": 4}),
+    _legacy(T.Q5_0, "q8_0", {"d": 0, "qh": 2, "qs": 6}),
+    _legacy(T.Q5_1, "q8_1", {"d": 0, "m": 2, "qh": 4, "qs": 8}),
+    _row(T.Q2_K, "q8_k", "q2_k", {"scales": 0, "qs": 16, "d": 80, "dmin": 82}, fused="mv_q2_k"),
+    _row(T.Q3_K, "q8_k", "q3_k", {"hmask": 0, "qs": 32, "scales": 96, "d": 108}, fused="mv_q3_k"),
+    _row(T.Q4_K, "q8_k", "kquant_k4", {"d": 0, "dmin": 2, "scales": 4, "qs": 16}, fused="mv_q4_k",
+         kernels=("quantize_q4_k", "dequantize_q4_k")),
+    _row(T.Q5_K, "q8_k", "kquant_k4", {"d": 0, "dmin": 2, "scales": 4, "qh": 16, "qs": 48}, fused="mv_q5_k",
+         kernels=("quantize_q5_k", "dequantize_q5_k")),
+    _row(T.Q6_K, "q8_k", "q6_k", {"ql": 0, "qh": 128, "scales": 192, "d": 208}, fused="mv_q6_k"),
+    # the activations of K-quant dot products (the runner); recipes never write it
+    _row(T.Q8_K, None, "q8_k", {"d": 0, "qs": 4, "bsums": 260}),
+)}
+del T
+
+
+def fields(ggml_type: GGMLType, *names: str) -> tuple[int, ...]:
+    """Byte offsets of the named fields of a block (for kernel modules' constants)."""
+    row = TRAITS[ggml_type]
+    return tuple(row.fields[n] for n in names)
+
+
+def block(ggml_type: GGMLType) -> tuple[int, int]:
+    """(elements, bytes) of a block."""
+    info = TYPE_INFO[ggml_type]
+    return info.block_size, info.type_size
+
+
+def quantizable_types() -> tuple[GGMLType, ...]:
+    return tuple(t for t, r in TRAITS.items() if r.codec is not None)

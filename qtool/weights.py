@@ -1,0 +1,136 @@
+"""The runner's weights as typed records (llama2.c's TransformerWeights), loaded from a memory-mapped GGUF file
+under the names of formats/constants.py's TENSOR_NAMES.
+
+Matrices are `qtool.kernels.matmul.Weight` objects that carry their own product (`w(x, acts)` is x @ W.T in
+llama.cpp's math for the weight's type), so the forward pass never looks at a type. Shapes are numpy's
+(rows, columns) = (out, in); GGUF lists them the other way round. In the comments qd = n_head * head_dim,
+kd = n_head_kv * head_dim, vd = n_head_kv * head_dim_v.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qtool.archs import HParams
+from qtool.errors import QtoolError
+from qtool.formats.constants import GGMLType, ModelTensor as M, tensor_name
+from qtool.formats.gguf_reader import GGUFFile
+from qtool.kernels import matmul as mm
+from qtool.kernels.matmul import Weight
+
+
+@dataclass
+class LayerWeights:
+    """One transformer block."""
+    attn_norm: np.ndarray  # (n_embd,) RMSNorm weight before attention
+    wq: Weight  # (qd, n_embd) queries
+    wk: Weight  # (kd, n_embd) keys
+    wv: Weight  # (vd, n_embd) values
+    wo: Weight  # (n_embd, qd) attention output
+    ffn_norm: np.ndarray  # (n_embd,) RMSNorm weight before the feed-forward
+    w_gate: Weight  # (n_ff, n_embd) SwiGLU gate
+    w_up: Weight  # (n_ff, n_embd) SwiGLU up
+    w_down: Weight  # (n_embd, n_ff) SwiGLU down
+    bq: np.ndarray | None = None  # (qd,) biases, when the file has them (qwen2: q, k, v)
+    bk: np.ndarray | None = None  # (kd,)
+    bv: np.ndarray | None = None  # (vd,)
+    bo: np.ndarray | None = None  # (n_embd,)
+
+
+@dataclass
+class Embedding:
+    """The token embedding as stored: a few rows are looked up per call, so it stays in the memory map."""
+    ggml_type: GGMLType
+    data: np.ndarray  # (n_vocab, row) as stored: packed bytes, fp16/bf16 bits as uint16, or float32
+    n_embd: int
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` as float32 (T, n_embd)."""
+        return mm.embedding_rows(self.ggml_type, self.data, ids, self.n_embd)
+
+
+@dataclass
+class ModelWeights:
+    """Everything the forward pass reads besides the hparams."""
+    token_embd: Embedding  # (n_vocab, n_embd)
+    layers: list[LayerWeights]  # n_layer blocks
+    output_norm: np.ndarray  # (n_embd,) final RMSNorm weight
+    output: Weight  # (n_vocab, n_embd) logits; token_embd's tensor when tied
+    tied: bool  # the file has no output.weight
+    rope_freqs: np.ndarray | None  # (n_rot / 2,) Llama 3 frequency divisors, when the file has them
+
+
+def _as_stored(ggml_type: GGMLType, data: np.ndarray) -> np.ndarray:
+    """The memory-mapped array in the form the kernels read: fp16/bf16 as uint16 bits."""
+    return data.view(np.uint16) if ggml_type in (GGMLType.F16, GGMLType.BF16) else data
+
+
+class _Loader:
+    def __init__(self, gguf: GGUFFile, fail: Callable[[str], QtoolError]):
+        self.gguf, self.fail = gguf, fail
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None, required: bool = True):
+        t = self.gguf.tensors.get(name)
+        if t is None:
+            if required:
+                raise self.fail(f"tensor {name} is missing")
+            return None
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise self.fail(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        return t
+
+    def vector(self, name: str, n: int, required: bool = True) -> np.ndarray | None:
+        """A norm weight or bias, as float32 in memory (small, and added to every token)."""
+        t = self.tensor(name, (n,), required)
+        if t is None:
+            return None
+        if t.ggml_type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+            raise self.fail(f"tensor {name} has type {t.ggml_type.name}; norms and biases must be F32/F16/BF16")
+        return mm.dequantize_rows(t.ggml_type, self.gguf.array(name).reshape(1, n), n)[0]
+
+    def matrix(self, name: str, n_out: int, n_in: int, required: bool = True) -> Weight | None:
+        t = self.tensor(name, (n_out, n_in), required)
+        if t is None:
+            return None
+        why = mm.check_type(t.ggml_type, n_in)
+        if why:
+            raise self.fail(f"tensor {name}: {why}")
+        w = Weight(name, t.ggml_type, _as_stored(t.ggml_type, self.gguf.array(name)), n_out, n_in)
+        if w.planes is not None:  # repacked into memory: the file's pages are no longer needed
+            self.gguf.release(name)
+        return w
+
+    def layer(self, cfg: HParams, i: int) -> LayerWeights:
+        c = cfg
+        qd, kd, vd = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v
+        n_ff = self.tensor(tensor_name(M.FFN_GATE, i), None).shape[0]  # the tensor decides, as llama.cpp
+        mat = lambda kind, n_out, n_in: self.matrix(tensor_name(kind, i), n_out, n_in)  # noqa: E731
+        bias = lambda kind, n: self.vector(tensor_name(kind, i, "bias"), n, required=False)  # noqa: E731
+        return LayerWeights(
+            attn_norm=self.vector(tensor_name(M.ATTN_NORM, i), c.n_embd),
+            wq=mat(M.ATTN_Q, qd, c.n_embd), wk=mat(M.ATTN_K, kd, c.n_embd), wv=mat(M.ATTN_V, vd, c.n_embd),
+            wo=mat(M.ATTN_OUT, c.n_embd, qd),
+            ffn_norm=self.vector(tensor_name(M.FFN_NORM, i), c.n_embd),
+            w_gate=mat(M.FFN_GATE, n_ff, c.n_embd), w_up=mat(M.FFN_UP, n_ff, c.n_embd),
+            w_down=mat(M.FFN_DOWN, c.n_embd, n_ff),
+            bq=bias(M.ATTN_Q, qd), bk=bias(M.ATTN_K, kd), bv=bias(M.ATTN_V, vd), bo=bias(M.ATTN_OUT, c.n_embd))
+
+
+def load_weights(gguf: GGUFFile, cfg: HParams, fail: Callable[[str], QtoolError]) -> ModelWeights:
+    """Every tensor the forward pass reads, checked against the hparams `cfg`; `fail(problem)` makes the error
+    (naming the file)."""
+    ld = _Loader(gguf, fail)
+    c = cfg
+    emb_name = tensor_name(M.TOKEN_EMBD)
+    emb = ld.tensor(emb_name, (c.n_vocab, c.n_embd))
+    if emb.ggml_type not in mm.SUPPORTED:
+        raise fail(f"tensor {emb_name}: type {emb.ggml_type.name} is not supported by the runner")
+    token_embd = Embedding(emb.ggml_type, _as_stored(emb.ggml_type, gguf.array(emb_name)), c.n_embd)
+    output_norm = ld.vector(tensor_name(M.OUTPUT_NORM), c.n_embd)
+    out = ld.matrix(tensor_name(M.OUTPUT), c.n_vocab, c.n_embd, required=False)
+    output = out if out is not None else ld.matrix(emb_name, c.n_vocab, c.n_embd)
+    rope_freqs = ld.vector(tensor_name(M.ROPE_FREQS), c.n_rot // 2, required=False)
+    return ModelWeights(token_embd=token_embd, layers=[ld.layer(c, i) for i in range(c.n_layer)],
+                        output_norm=output_norm, output=output, tied=out is None, rope_freqs=rope_freqs)
