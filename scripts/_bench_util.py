@@ -101,7 +101,25 @@ def machine() -> str:
         ram = f", {kb / 1e6:.0f} GB RAM"
     except (OSError, StopIteration, ValueError):
         pass
-    return f"{cpu}, {cores} cores{ram}, Python {platform.python_version()}"
+    return f"{cpu}, {cores} cores{ram}, Python {platform.python_version()}; SIMD {simd_level()}"
+
+
+# the x86 vector extensions that change what the kernels compile to, widest first
+_SIMD = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+_SIMD_EXTRAS = ("avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "fma", "f16c")
+
+
+def simd_level() -> str:
+    """The CPU's widest vector extension and the extras that matter to int8/fp16 kernels (x86: /proc/cpuinfo
+    flags; elsewhere the machine name, e.g. aarch64 = NEON), and numba's target when NUMBA_CPU_NAME overrides it."""
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    level = next((name for flag, name in _SIMD if flag in flags), platform.machine())
+    extras = [f for f in _SIMD_EXTRAS if f in flags]
+    target = os.environ.get("NUMBA_CPU_NAME")
+    return level + (f" ({' '.join(extras)})" if extras else "") + (f"; numba target {target}" if target else "")
 
 
 def mb(n_bytes: float) -> str:

@@ -1,9 +1,14 @@
 """Runner speed: prompt and decode tokens/s and peak RSS of qtool's runner beside llama.cpp's, same file, threads.
 
-    python scripts/bench_run.py [--quick] [--types F16,Q8_0,Q4_0,Q4_K_M,Q2_K] [--threads 2] [--prompt 512] [--decode 128]
+    python scripts/bench_run.py [--model base|135m|quick] [--types F16,Q8_0,Q4_0,Q4_K_M,Q2_K] [--threads 2]
+                                [--prompt 512] [--decode 128] [--cpu-name haswell]
 
-Uses (or builds, in bench-out/) the synthetic ~0.66B checkpoint of the foundation benchmark and its F16 GGUF, and
-qtool-quantized files of each type. Each measurement is a fresh child process (peak RSS is its own): evaluate a
+Uses (or builds, in bench-out/) a synthetic checkpoint and its F16 GGUF, and qtool-quantized files of each type:
+`base` is the ~0.66B model of the foundation benchmark (12 layers, hidden 2048); `135m` has the shape of a real
+135M Llama (30 layers, hidden 576, 9 heads / 3 KV heads, FFN 1536, vocab 49152, tied embeddings), where per-call
+overhead rather than bandwidth dominates decoding. --cpu-name compiles qtool's kernels for an older target
+(numba's NUMBA_CPU_NAME, e.g. haswell = AVX2 without AVX-512) to measure AVX2 speed on a newer CPU; llama.cpp
+stays built for this CPU, so that column compares qtool-on-AVX2 with llama.cpp at its best. Each measurement is a fresh child process (peak RSS is its own): evaluate a
 prompt of --prompt tokens in one batch (llama-bench's pp), then --decode tokens one at a time (tg), greedy. qtool
 and llama.cpp (llama-cpp-python) alternate per type so that machine load hits both alike. The decode bound is the
 machine's measured copy bandwidth over the weight bytes one token reads (every tensor but the token embedding).
@@ -22,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_util import machine, mb, run_measured, table  # noqa: E402
-from bench_quantize import f16_model  # noqa: E402
+from bench_quantize import BASE, QUICK  # noqa: E402
+from make_checkpoint import make_checkpoint  # noqa: E402
 
 from qtool.formats.gguf_reader import GGUFFile  # noqa: E402
 
@@ -66,6 +72,23 @@ print(json.dumps([pp, tg, 0]))
 """
 
 
+# the real 135M Llama shape of the runner-speed issue (SmolLM-135M's), with tied embeddings
+SHAPE_135M = dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, dtype="bf16",
+                  tie_embeddings=True)
+MODELS = {"base": BASE, "135m": SHAPE_135M, "quick": QUICK}
+
+
+def f16_model(out: Path, model: str) -> tuple[str, Path]:
+    """The F16 GGUF of a synthetic model (built once under `out`): (label, path)."""
+    ckpt = out / "models" / model
+    if not (ckpt / "config.json").is_file():
+        make_checkpoint(ckpt, **MODELS[model])
+    f16 = out / f"{model}.F16.gguf"
+    if not f16.is_file():
+        subprocess.run([sys.executable, "-m", "qtool", "convert", ckpt, "-o", f16, "--type", "F16", "-q"], check=True)
+    return model, f16
+
+
 def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
     """Bytes per second moved by a large numpy copy (read + write), best of three."""
     a = np.ones(n_bytes // 8)
@@ -83,16 +106,20 @@ def weight_bytes_per_token(path: Path) -> int:
         return sum(t.nbytes for n, t in g.tensors.items() if n != "token_embd.weight")
 
 
-def measure(child: str, path: Path, args) -> tuple[float, float, int, int]:
-    r = run_measured([sys.executable, "-c", child, path, args.prompt, args.decode, args.threads_n],
-                     env={"NUMBA_NUM_THREADS": str(args.threads_n)}).check()
+def measure(child: str, path: Path, args, cpu_name: str | None = None) -> tuple[float, float, int, int]:
+    env = {"NUMBA_NUM_THREADS": str(args.threads_n)}
+    if cpu_name:
+        env["NUMBA_CPU_NAME"] = cpu_name
+    r = run_measured([sys.executable, "-c", child, path, args.prompt, args.decode, args.threads_n], env=env).check()
     pp, tg, kv = json.loads(r.stdout.strip().splitlines()[-1])
     return args.prompt / pp, args.decode / tg, r.peak_rss, kv
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
+    ap.add_argument("--model", choices=sorted(MODELS), default="base", help="synthetic model shape (quick: smoke run)")
+    ap.add_argument("--quick", action="store_true", help="same as --model quick")
+    ap.add_argument("--cpu-name", help="also measure qtool compiled for this numba CPU target (e.g. haswell)")
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--threads", default="2")
     ap.add_argument("--prompt", type=int, default=512)
@@ -101,7 +128,8 @@ def main() -> None:
     args = ap.parse_args()
     args.threads_n = int(args.threads)
     out = Path(args.out)
-    label, f16 = f16_model(out, args.quick)
+    args.quick = args.quick or args.model == "quick"
+    label, f16 = f16_model(out, "quick" if args.quick else args.model)
     bw = copy_bandwidth()
     print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.1f}; copy bandwidth {bw / 1e9:.1f} GB/s")
     print(f"model: {label}; prompt {args.prompt} tokens, decode {args.decode} tokens, {args.threads} threads\n")
@@ -115,17 +143,23 @@ def main() -> None:
         size = path.stat().st_size
         l_pp, l_tg, l_rss, _ = measure(LLAMA_CHILD, path, args)
         q_pp, q_tg, q_rss, kv = measure(QTOOL_CHILD, path, args)
+        t_pp = t_tg = None
+        if args.cpu_name:
+            t_pp, t_tg, _, _ = measure(QTOOL_CHILD, path, args, args.cpu_name)
         bound = bw / weight_bytes_per_token(path)
-        print(f"  {type_name}: llama.cpp pp {l_pp:.1f} tg {l_tg:.2f}; qtool pp {q_pp:.1f} tg {q_tg:.2f} tok/s",
-              flush=True)
+        print(f"  {type_name}: llama.cpp pp {l_pp:.1f} tg {l_tg:.2f}; qtool pp {q_pp:.1f} tg {q_tg:.2f} tok/s"
+              + (f"; qtool on {args.cpu_name} pp {t_pp:.1f} tg {t_tg:.2f}" if t_pp else ""), flush=True)
         rows.append([type_name, mb(size), f"{l_pp:.1f}", f"{q_pp:.1f}", f"{q_pp / l_pp:.2f}", f"{l_tg:.2f}",
                      f"{q_tg:.2f}", f"{q_tg / l_tg:.2f}", f"{bound:.1f}", mb(l_rss), mb(q_rss),
                      mb(size + kv), f"{q_rss / (size + kv):.2f}",
-                     f"{ISSUE_PP.get(type_name, '')}/{ISSUE_TG.get(type_name, '')}" if not args.quick else ""])
+                     f"{ISSUE_PP.get(type_name, '')}/{ISSUE_TG.get(type_name, '')}" if label == "base" else ""]
+                    + ([f"{t_pp:.1f}", f"{t_pp / l_pp:.2f}", f"{t_tg:.2f}", f"{t_tg / l_tg:.2f}"] if t_pp else []))
     print()
     print(table(["type", "file MB", "llama.cpp pp", "qtool pp", "pp ratio", "llama.cpp tg", "qtool tg", "tg ratio",
                  "tg bound", "llama.cpp RSS MB", "qtool RSS MB", "file+KV MB", "qtool RSS / (file+KV)",
-                 "issue's llama-bench pp/tg"], rows))
+                 "issue's llama-bench pp/tg"]
+                + ([f"qtool pp ({args.cpu_name})", "pp ratio", f"qtool tg ({args.cpu_name})", "tg ratio"]
+                   if args.cpu_name else []), rows))
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}; pp/tg in tokens/s; tg bound = copy bandwidth / "
           "weight bytes read per token")
 
