@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import gguf
 import numpy as np
@@ -178,7 +179,9 @@ def test_makefile_batch_rules_cover_every_type(tmp_path):
     (tmp_path / "models" / "foo").mkdir(parents=True)
     (tmp_path / "models" / "foo" / "config.json").write_text("{}")
     targets = [f"models/foo.{t}.gguf" for t in FILE_TYPES]
-    proc = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), *targets], cwd=tmp_path, capture_output=True,
-                          text=True)
+    # under `make test` the parent make's flags would reach this make (and print "Entering directory" lines)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(REPO / "Makefile"), *targets], cwd=tmp_path,
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert [line.split("--type ")[1].split()[0] for line in proc.stdout.splitlines()] == list(FILE_TYPES)
