@@ -23,7 +23,8 @@ _MODULES: dict[GGMLType, str] = {t: r.codec for t, r in TRAITS.items() if r.code
 # modules whose numba functions or constants other modules here inline or call: numba's cache=True notices edits
 # to a kernel's own file only, so an edit to one of these (a `git pull`, say) would leave every other kernel's
 # cache stale
-_SHARED_SOURCES = ("common.py", "legacy.py", "kquant_common.py", "traits.py")  # traits: field offsets
+_SHARED_SOURCES = ("common.py", "legacy.py", "kquant_common.py", "traits.py",  # traits: field offsets
+                   "weighted.py")
 
 
 def _drop_stale_cache() -> None:
@@ -65,7 +66,9 @@ def row_bytes(ggml_type: GGMLType, n_cols: int) -> int:
 def quantize(ggml_type: GGMLType, x: np.ndarray, out: np.ndarray | None = None,
              quant_weights: np.ndarray | None = None) -> np.ndarray:
     """float32 (rows, cols) → uint8 (rows, row_bytes) in llama.cpp's layout for ggml_type (into `out` if given,
-    a C-contiguous uint8 array of that shape). quant_weights (an importance matrix row): not implemented yet."""
+    a C-contiguous uint8 array of that shape). quant_weights: an importance per column (an imatrix row), for the
+    types whose traits row names a weighted quantizer (llama.cpp's quantize_row_*_impl); others raise
+    NotImplementedError."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows = x.reshape(-1, x.shape[-1])
     shape = (rows.shape[0], row_bytes(ggml_type, rows.shape[1]))

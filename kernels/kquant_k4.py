@@ -24,6 +24,7 @@ from .common import load_fp16, store_fp16
 from .kquant_common import (F0, ggml_nearest_int, largest_scale_and_min, n_chunks, qkx2_chunk,
                             requantize)
 from .traits import block
+from .weighted import kquant_chunk_weighted, make_qp_quants
 
 Q4_K_BYTES = block(GGMLType.Q4_K)[1]
 Q5_K_BYTES = block(GGMLType.Q5_K)[1]
@@ -176,3 +177,60 @@ def dequantize_q5_k(q: np.ndarray, out: np.ndarray) -> None:
     for r in prange(out.shape[0]):
         for b in range(out.shape[1] // QK_K):
             dequantize_superblock_k4(q[r], b * Q5_K_BYTES, out[r], b * QK_K, True)
+
+
+# ---- with an importance matrix: quantize_row_q4_K_impl / _q5_K_impl -----------------------------------------------
+# Per super-block sigma2 = 2*mean x^2; sub-block j's weights qw*sqrtf(sigma2 + x^2) drive make_qkx3_quants (rmin
+# -0.9, rdelta 0.05, 36 steps; weighted.kquant_chunk_weighted, many sub-blocks at once); the 8 scales and 8 mins
+# are quantized to 6 bits by make_qp_quants (nmax 63) weighted by the sub-blocks' sums of weights (Q5_K clamps
+# the codes to 63, Q4_K stores them as they are).
+
+@njit(cache=True, error_model="numpy")
+def finish_superblock_k4_weighted(x, out, pos: int, L, scales, mins, sw, ls, lm, nmax: int, five: bool) -> None:
+    d_block = make_qp_quants(QK_K // 32, 63, scales, ls, sw)
+    m_block = make_qp_quants(QK_K // 32, 63, mins, lm, sw)
+    sp = pos + 4
+    for j in range(QK_K // 32):
+        a = np.int64(ls[j])
+        b = np.int64(lm[j])
+        if five:
+            a = min(63, a)
+            b = min(63, b)
+        put_scale_min_k4(out, sp, j, a, b)
+    d_all = store_fp16(out, pos, d_block)
+    dmin_all = store_fp16(out, pos + 2, m_block)
+    for j in range(QK_K // 32):
+        sc, m = get_scale_min_k4(out, sp, j)
+        d = np.float32(d_all * np.float32(sc))
+        if d == F0:
+            continue
+        dm = np.float32(dmin_all * np.float32(m))
+        requantize(x, L, 32 * j, 32, d, dm, nmax)
+    pack_codes_k4(out, pos, L, five)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize_k4_weighted(x, out, qw, block_bytes: int, nmax: int, five: bool) -> None:
+    """quantize_row_q4_K_impl (five=False) / _q5_K_impl over rows, parallel over chunks of CHUNK_BLOCKS
+    super-blocks."""
+    nb = x.shape[1] // QK_K
+    for c in prange(n_chunks(x)):
+        k0, cnt, L, scales, mins, sw = kquant_chunk_weighted(x, qw, c, 8, nmax, True)
+        ls = np.empty(8, dtype=np.uint8)
+        lm = np.empty(8, dtype=np.uint8)
+        for g in range(cnt):
+            r = (k0 + g) // nb
+            b = (k0 + g) % nb
+            finish_superblock_k4_weighted(x[r, b * QK_K:(b + 1) * QK_K], out[r], b * block_bytes,
+                                          L[g * QK_K:(g + 1) * QK_K], scales[8 * g:8 * g + 8], mins[8 * g:8 * g + 8],
+                                          sw[8 * g:8 * g + 8], ls, lm, nmax, five)
+
+
+def quantize_q4_k_weighted(x: np.ndarray, out: np.ndarray, qw: np.ndarray) -> None:
+    """quantize_row_q4_K_impl over rows: x float32 (rows, cols), qw float32 (cols,)."""
+    quantize_k4_weighted(x, out, qw, Q4_K_BYTES, 15, False)
+
+
+def quantize_q5_k_weighted(x: np.ndarray, out: np.ndarray, qw: np.ndarray) -> None:
+    """quantize_row_q5_K_impl over rows: x float32 (rows, cols), qw float32 (cols,)."""
+    quantize_k4_weighted(x, out, qw, Q5_K_BYTES, 31, True)

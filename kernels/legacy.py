@@ -38,6 +38,7 @@ from qtool.formats.constants import TYPE_INFO, GGMLType
 
 from .common import load_fp16, store_fp16
 from .traits import block
+from .weighted import QX_SCRATCH, make_qx_quants_w, mean_square, qkx3_many, sigma2_weights
 
 QK = TYPE_INFO[GGMLType.Q4_0].block_size  # the same 32 for all four
 Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES = (block(t)[1] for t in
@@ -221,3 +222,75 @@ def dequantize_q5_0(q, out):
 @njit(parallel=True, cache=True)
 def dequantize_q5_1(q, out):
     dequantize_rows(q, out, Q5_1_BYTES, True, True)
+
+
+# ---- with an importance matrix: quantize_row_q{4,5}_{0,1}_impl ------------------------------------------------------
+# Each block's weights are qw[j] * sqrtf(sigma2 + x[j]^2), sigma2 the mean square of the whole row; the "_0" types
+# search their scale with make_qx_quants (nmax 8 / 16), the "_1" types scale and min with make_qkx3_quants
+# (nmax 15 / 31, rmin -0.9, rdelta 0.05, 36 steps; all the row's blocks at once, weighted.qkx3_many); stored
+# as d = fp16(scale), m = fp16(min).
+
+@njit(cache=True, inline="always", error_model="numpy")
+def quantize_row_weighted(xr, orow, qw, block_bytes, affine, five):
+    nb = xr.shape[0] // QK
+    if nb == 0:
+        return
+    n = xr.shape[0]
+    nmax = 31 if affine and five else (15 if affine else (16 if five else 8))
+    qh_pos = 4 if affine else 2
+    qs_pos = qh_pos + 4 if five else qh_pos
+    sigma2 = mean_square(xr, 0, n)
+    weight = np.empty(n, np.float32)
+    sigma2_weights(xr, 0, n, sigma2, qw, 0, weight)
+    L = np.empty(n, np.uint8)
+    scales = np.empty(nb, np.float32)
+    mins = np.empty(nb, np.float32)
+    if affine:  # all the row's blocks searched at once
+        qkx3_many(xr, weight, nb, QK, nmax, L, scales, mins)
+    else:
+        ts = np.empty(QX_SCRATCH, np.float32)
+        for b in range(nb):
+            scales[b] = make_qx_quants_w(xr, b * QK, QK, nmax, L, b * QK, weight, b * QK, ts)
+    for b in range(nb):
+        c0 = b * QK
+        o = b * block_bytes
+        store_fp16(orow, o, scales[b])
+        if affine:
+            store_fp16(orow, o + 2, -mins[b])
+        if five:
+            qh = np.uint32(0)
+            for j in range(QK):
+                qh |= np.uint32((L[c0 + j] >> 4) & 1) << np.uint32(j)
+            for k in range(4):
+                orow[o + qh_pos + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+            for j in range(QK // 2):
+                orow[o + qs_pos + j] = np.uint8((L[c0 + j] & 0x0F) | ((L[c0 + j + QK // 2] & 0x0F) << 4))
+        else:
+            for j in range(QK // 2):
+                orow[o + qs_pos + j] = np.uint8((np.int32(L[c0 + j]) | (np.int32(L[c0 + j + QK // 2]) << 4)) & 0xFF)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def quantize_rows_weighted(x, out, qw, block_bytes, affine, five):
+    for r in prange(x.shape[0]):
+        quantize_row_weighted(x[r], out[r], qw, block_bytes, affine, five)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize_q4_0_weighted(x, out, qw):
+    quantize_rows_weighted(x, out, qw, Q4_0_BYTES, False, False)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize_q4_1_weighted(x, out, qw):
+    quantize_rows_weighted(x, out, qw, Q4_1_BYTES, True, False)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize_q5_0_weighted(x, out, qw):
+    quantize_rows_weighted(x, out, qw, Q5_0_BYTES, False, True)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize_q5_1_weighted(x, out, qw):
+    quantize_rows_weighted(x, out, qw, Q5_1_BYTES, True, True)

@@ -14,6 +14,7 @@ from .common import load_fp16, store_fp16
 from .kquant_common import (F0, QK_K, ggml_nearest_int, largest_scale_and_min, n_chunks, qkx2_chunk,
                             requantize)
 from .traits import block, fields
+from .weighted import kquant_chunk_weighted, make_qp_quants
 
 BLOCK_BYTES = block(GGMLType.Q2_K)[1]
 SCALES, QS, D, DMIN = fields(GGMLType.Q2_K, "scales", "qs", "d", "dmin")
@@ -98,3 +99,48 @@ def dequantize(q: np.ndarray, out: np.ndarray) -> None:
     for r in prange(out.shape[0]):
         for b in range(out.shape[1] // QK_K):
             dequantize_block(q[r], b * BLOCK_BYTES, out[r], b * QK_K)
+
+
+# ---- with an importance matrix: quantize_row_q2_K_impl -------------------------------------------------------------
+# Per super-block sigma2 = mean x^2 of its 256 weights; sub-block j's weights qw*sqrtf(sigma2 + x^2) drive
+# make_qkx3_quants (nmax 3, rmin -0.9, rdelta 0.05, 36 steps; weighted.kquant_chunk_weighted, many sub-blocks at
+# once); the 16 scales and 16 mins are quantized to 4 bits by make_qp_quants, weighted by each sub-block's sum of
+# weights; then every weight is requantized.
+
+@njit(cache=True, error_model="numpy")
+def finish_superblock_weighted(x, out, pos: int, L, scales, mins, sw, ls, lm) -> None:
+    """The rest of quantize_row_q2_K_impl after the sub-block searches, into out[pos:pos+84]."""
+    dm = make_qp_quants(QK_K // 16, 15, scales, ls, sw)
+    mm = make_qp_quants(QK_K // 16, 15, mins, lm, sw)
+    dm = store_fp16(out, pos + D, dm)
+    mm = store_fp16(out, pos + DMIN, mm)
+    for j in range(QK_K // 16):
+        out[pos + SCALES + j] = (np.int32(ls[j]) | (np.int32(lm[j]) << 4)) & 0xFF
+    for j in range(QK_K // 16):
+        sc = np.int32(out[pos + SCALES + j])
+        d = np.float32(dm * np.float32(sc & 0xF))
+        if d == F0:
+            continue
+        m = np.float32(mm * np.float32(sc >> 4))
+        requantize(x, L, 16 * j, 16, d, m, 3)
+    for h in range(2):
+        for l in range(32):
+            b = 128 * h + l
+            out[pos + QS + 32 * h + l] = L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize_weighted(x: np.ndarray, out: np.ndarray, qw: np.ndarray) -> None:
+    """quantize_row_q2_K_impl over rows (x float32 (rows, cols), qw float32 (cols,)), parallel over chunks of
+    CHUNK_BLOCKS super-blocks."""
+    nb = x.shape[1] // QK_K
+    for c in prange(n_chunks(x)):
+        k0, cnt, L, scales, mins, sw = kquant_chunk_weighted(x, qw, c, 16, 3, False)
+        ls = np.empty(16, dtype=np.uint8)
+        lm = np.empty(16, dtype=np.uint8)
+        for g in range(cnt):
+            r = (k0 + g) // nb
+            b = (k0 + g) % nb
+            finish_superblock_weighted(x[r, b * QK_K:(b + 1) * QK_K], out[r], b * BLOCK_BYTES,
+                                       L[g * QK_K:(g + 1) * QK_K], scales[16 * g:16 * g + 16],
+                                       mins[16 * g:16 * g + 16], sw[16 * g:16 * g + 16], ls, lm)

@@ -35,6 +35,7 @@ from .common import load_fp16, store_fp16
 from .kquant_common import (MAGIC, NEAREST_INT_SAFE, QK_K, ggml_nearest_int,
                             gather_subblocks16, lane_weights16, largest_magnitude)
 from .traits import block, fields
+from .weighted import QX_SCRATCH, make_qx_quants_w, twice_mean_square, weights_and_sum
 
 BLOCK_BYTES = block(GGMLType.Q3_K)[1]
 HMASK, QS, SCALES, D = fields(GGMLType.Q3_K, "hmask", "qs", "scales", "d")
@@ -381,3 +382,53 @@ def dequantize(q: np.ndarray, out: np.ndarray) -> None:
     for r in prange(out.shape[0]):
         for b in range(out.shape[1] // QK_K):
             dequantize_block(q[r], b * BLOCK_BYTES, out[r], b * QK_K)
+
+
+# ---- with an importance matrix: quantize_row_q3_K_impl -------------------------------------------------------------
+# Per super-block sigma2 = 2*mean x^2; sub-block j's weights qw*sqrtf(sigma2 + x^2) drive make_qx_quants (nmax 4);
+# the 16 scales are quantized to 6 bits by make_qx_quants (nmax 32) weighted by the sub-blocks' sums of weights,
+# against the fp16 super-scale it returns; then every weight is requantized.
+
+@njit(cache=True, error_model="numpy")
+def quantize_block_weighted(xb, qwb, row, o: int, L, weight, sw, scales, ls, ts) -> None:
+    """quantize_row_q3_K_impl on one super-block xb[:256] with importance qwb[:256] → row[o:o+110] (L: uint8
+    (352,) scratch)."""
+    sigma2 = twice_mean_square(xb, 0, QK_K)
+    for j in range(NSUB):
+        sw[j] = weights_and_sum(xb, 16 * j, 16, sigma2, qwb, 16 * j, weight)
+        scales[j] = make_qx_quants_w(xb, 16 * j, 16, NMAX, L, 16 * j, weight, 0, ts)
+    sp = o + SCALES
+    for k in range(12):
+        row[sp + k] = 0
+    d_block = make_qx_quants_w(scales, 0, NSUB, 32, ls, 0, sw, 0, ts)
+    for j in range(NSUB):
+        l = np.int32(ls[j])
+        if j < 8:
+            row[sp + j] = l & 0xF
+        else:
+            row[sp + j - 8] |= (l & 0xF) << 4
+        row[sp + 8 + j % 4] |= ((l >> 4) << (2 * (j // 4))) & 0xFF
+    dall = store_fp16(row, o + D, d_block)
+    for j in range(NSUB):
+        d = np.float32(dall * np.float32(_scale(row, o, j)))
+        if d == F0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * j + i] / d)), -4, 3) + 4
+    _pack(row, o, L[:QK_K], L[QK_K:QK_K + SCALES])
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize_weighted(x: np.ndarray, out: np.ndarray, qw: np.ndarray) -> None:
+    """quantize_row_q3_K_impl over rows (x float32 (rows, cols), qw float32 (cols,)), parallel over rows."""
+    nb = x.shape[1] // QK_K
+    for r in prange(x.shape[0]):
+        L = np.empty(QK_K + SCALES, dtype=np.uint8)
+        weight = np.empty(16, dtype=np.float32)
+        sw = np.empty(NSUB, dtype=np.float32)
+        scales = np.empty(NSUB, dtype=np.float32)
+        ls = np.empty(NSUB, dtype=np.uint8)
+        ts = np.empty(QX_SCRATCH, dtype=np.float32)
+        for b in range(nb):
+            quantize_block_weighted(x[r, b * QK_K:(b + 1) * QK_K], qw[b * QK_K:(b + 1) * QK_K], out[r],
+                                    b * BLOCK_BYTES, L, weight, sw, scales, ls, ts)

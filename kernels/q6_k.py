@@ -32,6 +32,7 @@ from .common import load_fp16, store_fp16
 from .kquant_common import (MAGIC, NEAREST_INT_SAFE, QK_K, ggml_nearest_int,
                             gather_subblocks16, lane_weights16, largest_magnitude)
 from .traits import block, fields
+from .weighted import QX_SCRATCH, make_qx_quants_w
 
 BLOCK_BYTES = block(GGMLType.Q6_K)[1]
 QL, QH, SCALES, D = fields(GGMLType.Q6_K, "ql", "qh", "scales", "d")
@@ -346,3 +347,37 @@ def dequantize(q: np.ndarray, out: np.ndarray) -> None:
     for r in prange(out.shape[0]):
         for b in range(out.shape[1] // QK_K):
             dequantize_block(q[r], b * BLOCK_BYTES, out[r], b * QK_K)
+
+
+# ---- with an importance matrix: quantize_row_q6_K_impl -------------------------------------------------------------
+# As quantize_block_ref, with make_qx_quants weighted by the imatrix values themselves (llama.cpp keeps the
+# sigma2 form for Q6_K commented out).
+
+@njit(cache=True, error_model="numpy")
+def quantize_block_weighted(xb, qwb, row, o: int, L, ts) -> None:
+    """quantize_row_q6_K_impl on one super-block xb[:256] with importance qwb[:256] → row[o:o+210]."""
+    scales = np.empty(NSUB, dtype=np.float32)
+    for j in range(NSUB):
+        scales[j] = make_qx_quants_w(xb, 16 * j, 16, NMAX, L, 16 * j, qwb, 16 * j, ts)
+    dall, zero = _finish_scales(row, o, scales)
+    if zero:
+        return
+    for j in range(NSUB):
+        d = np.float32(dall * np.float32(np.int8(row[o + SCALES + j])))
+        if d == F0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * j + i] / d)), -32, 31) + 32
+    _pack(row, o, L[:QK_K], L[QK_K:QK_K + SCALES])
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def quantize_weighted(x: np.ndarray, out: np.ndarray, qw: np.ndarray) -> None:
+    """quantize_row_q6_K_impl over rows (x float32 (rows, cols), qw float32 (cols,)), parallel over rows."""
+    nb = x.shape[1] // QK_K
+    for r in prange(x.shape[0]):
+        L = np.empty(QK_K + SCALES, dtype=np.uint8)
+        ts = np.empty(QX_SCRATCH, dtype=np.float32)
+        for b in range(nb):
+            quantize_block_weighted(x[r, b * QK_K:(b + 1) * QK_K], qw[b * QK_K:(b + 1) * QK_K], out[r],
+                                    b * BLOCK_BYTES, L, ts)

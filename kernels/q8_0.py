@@ -42,3 +42,8 @@ def dequantize(q: np.ndarray, out: np.ndarray) -> None:
             for j in range(QK):
                 v = np.int8(q[r, o + QS + j])
                 out[r, b * QK + j] = d * np.float32(v)
+
+
+def quantize_weighted(x: np.ndarray, out: np.ndarray, qw: np.ndarray) -> None:
+    """llama.cpp's quantize_q8_0 ignores the importance matrix (`(void)quant_weights`): the same bytes as without."""
+    quantize(x, out)

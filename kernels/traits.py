@@ -1,9 +1,11 @@
 """One row per ggml type: everything the kernels know about it (ggml's type_traits, gguf-py's quants.py table).
 
 Block size and bytes come from formats/constants.py's TYPE_INFO; the row adds the byte offset of each field of
-a block, where the codec (quantize/dequantize) lives, the activation type its dot product converts x to
-(matmul.Act's kinds), the fused decode kernel (matvec.py) and the prompt path's tile dequantizer. Every other
-per-type table in kernels/ is derived from `TRAITS`. Adding a type is one codec module plus one row here.
+a block, where the codec (quantize/dequantize) lives and its importance-weighted quantize (`weighted`, what an
+imatrix selects), the activation type its dot product converts x to (matmul.Act's kinds), the fused decode
+kernel (matvec.py) and the prompt path's tile dequantizer. Every other per-type table in kernels/ is derived
+from `TRAITS`. Adding a type is one codec module plus one row here; adding an imatrix to a type is its codec's
+weighted kernel plus `weighted=` in its row.
 
 Kernels are named, not imported, so that importing the table compiles and loads nothing (`qtool --help`).
 Kernel modules read their field offsets from here at import (numba freezes them as constants), which is why
@@ -29,6 +31,7 @@ class Traits:
     int16_vectors: bool = False  # the fused kernel's vectors sized by its int16 work (see matvec.py)
     tile: str | None = None  # "module.function" dequantizing stored rows for the prompt path; default the codec's
     kernels: tuple[str, str] = ("quantize", "dequantize")  # the codec's functions for this type
+    weighted: str | None = None  # the codec's quantize(x, out, quant_weights) with an importance matrix; None: none
 
     @property
     def block_size(self) -> int:
@@ -39,11 +42,18 @@ class Traits:
         return TYPE_INFO[self.ggml_type].type_size
 
     def quantize(self, x: np.ndarray, out: np.ndarray, quant_weights: np.ndarray | None = None) -> None:
-        """float32 rows x → packed rows out (C-contiguous uint8). quant_weights: an importance per column (the
-        imatrix); no quantizer takes one yet."""
-        if quant_weights is not None:
+        """float32 rows x → packed rows out (C-contiguous uint8). quant_weights: an importance per column (an
+        imatrix row, float32 (cols,)), as ggml_quantize_chunk takes it; the types without a weighted quantizer
+        raise NotImplementedError (Q8_K, which no file holds; Q8_0 takes and ignores it, as llama.cpp does)."""
+        if quant_weights is None:
+            _load(f"{self.codec}.{self.kernels[0]}")(x, out)
+            return
+        if self.weighted is None:
             raise NotImplementedError(f"{self.ggml_type.name}: importance-weighted quantization is not implemented")
-        _load(f"{self.codec}.{self.kernels[0]}")(x, out)
+        qw = np.ascontiguousarray(quant_weights, dtype=np.float32)
+        if qw.shape != (x.shape[1],):
+            raise ValueError(f"quant_weights must have one value per column ({x.shape[1]}), not shape {qw.shape}")
+        _load(f"{self.codec}.{self.weighted}")(x, out, qw)
 
     def dequantize(self, q: np.ndarray, out: np.ndarray) -> None:
         """Stored rows → float32 rows out (the prompt path's tiles, embeddings, `kernels.dequantize`)."""
@@ -71,7 +81,7 @@ def _legacy(t: GGMLType, vec_dot: str, fields: dict[str, int]) -> Traits:
     # the four legacy types share one codec module, legacy.py, with a kernel pair each
     name = t.name.lower()
     return Traits(t, fields, vec_dot, "legacy", fused=f"mv_{name}", int16_vectors=True,
-                  kernels=(f"quantize_{name}", f"dequantize_{name}"))
+                  kernels=(f"quantize_{name}", f"dequantize_{name}"), weighted=f"quantize_{name}_weighted")
 
 
 T = GGMLType
@@ -79,18 +89,22 @@ TRAITS: dict[GGMLType, Traits] = {r.ggml_type: r for r in (
     _row(T.F32, "f32", None, {}, tile="floats.deq_f32"),
     _row(T.F16, "f16", None, {}, fused="mv_f16", tile="floats.deq_f16"),
     _row(T.BF16, "bf16", None, {}, fused="mv_bf16", tile="floats.deq_bf16"),
-    _row(T.Q8_0, "q8_0", "q8_0", {"d": 0, "qs": 2}, fused="mv_q8_0", int16_vectors=True),
+    _row(T.Q8_0, "q8_0", "q8_0", {"d": 0, "qs": 2}, fused="mv_q8_0", int16_vectors=True,
+         weighted="quantize_weighted"),
     _legacy(T.Q4_0, "q8_0", {"d": 0, "qs": 2}),
     _legacy(T.Q4_1, "q8_1", {"d": 0, "m": 2, "qs": 4}),
     _legacy(T.Q5_0, "q8_0", {"d": 0, "qh": 2, "qs": 6}),
     _legacy(T.Q5_1, "q8_1", {"d": 0, "m": 2, "qh": 4, "qs": 8}),
-    _row(T.Q2_K, "q8_k", "q2_k", {"scales": 0, "qs": 16, "d": 80, "dmin": 82}, fused="mv_q2_k"),
-    _row(T.Q3_K, "q8_k", "q3_k", {"hmask": 0, "qs": 32, "scales": 96, "d": 108}, fused="mv_q3_k"),
+    _row(T.Q2_K, "q8_k", "q2_k", {"scales": 0, "qs": 16, "d": 80, "dmin": 82}, fused="mv_q2_k",
+         weighted="quantize_weighted"),
+    _row(T.Q3_K, "q8_k", "q3_k", {"hmask": 0, "qs": 32, "scales": 96, "d": 108}, fused="mv_q3_k",
+         weighted="quantize_weighted"),
     _row(T.Q4_K, "q8_k", "kquant_k4", {"d": 0, "dmin": 2, "scales": 4, "qs": 16}, fused="mv_q4_k",
-         kernels=("quantize_q4_k", "dequantize_q4_k")),
+         kernels=("quantize_q4_k", "dequantize_q4_k"), weighted="quantize_q4_k_weighted"),
     _row(T.Q5_K, "q8_k", "kquant_k4", {"d": 0, "dmin": 2, "scales": 4, "qh": 16, "qs": 48}, fused="mv_q5_k",
-         kernels=("quantize_q5_k", "dequantize_q5_k")),
-    _row(T.Q6_K, "q8_k", "q6_k", {"ql": 0, "qh": 128, "scales": 192, "d": 208}, fused="mv_q6_k"),
+         kernels=("quantize_q5_k", "dequantize_q5_k"), weighted="quantize_q5_k_weighted"),
+    _row(T.Q6_K, "q8_k", "q6_k", {"ql": 0, "qh": 128, "scales": 192, "d": 208}, fused="mv_q6_k",
+         weighted="quantize_weighted"),
     # the activations of K-quant dot products (the runner); recipes never write it
     _row(T.Q8_K, None, "q8_k", {"d": 0, "qs": 4, "bsums": 260}),
 )}

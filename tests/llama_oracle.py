@@ -35,14 +35,20 @@ def _libggml() -> ctypes.CDLL:
     return _ggml
 
 
-def ggml_quantize(x: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
-    """llama.cpp's ggml_quantize_chunk (the path llama-quantize takes, no imatrix) on float32 rows."""
+def ggml_quantize(x: np.ndarray, ggml_type: GGMLType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's ggml_quantize_chunk (the path llama-quantize takes) on float32 rows; imatrix: float32 (cols,)
+    importance weights, or None for none."""
     lib = _libggml()
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_rows, n_cols = x.shape
     info = TYPE_INFO[ggml_type]
     out = np.zeros((n_rows, n_cols // info.block_size * info.type_size), dtype=np.uint8)
     lib.ggml_quantize_init(int(ggml_type))
-    written = lib.ggml_quantize_chunk(int(ggml_type), x.ctypes.data, out.ctypes.data, 0, n_rows, n_cols, None)
+    qw = None
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        assert imatrix.shape == (n_cols,)
+        qw = imatrix.ctypes.data
+    written = lib.ggml_quantize_chunk(int(ggml_type), x.ctypes.data, out.ctypes.data, 0, n_rows, n_cols, qw)
     assert written == out.nbytes
     return out

@@ -122,3 +122,72 @@ def adversarial_rows(finite: bool = True) -> np.ndarray:
         add(np.full(n, np.inf))
         add(np.full(n, np.nan))
     return np.stack(rows)
+
+
+def importance(seed: int, n: int, kind: str = "uniform") -> np.ndarray:
+    """A float32 importance vector of n columns (what an imatrix entry holds: mean x^2 of each input column).
+    kind: uniform (0.01..10), lognormal (spread over decades, like real activations), zeros (every 7th zero,
+    the rest uniform), allzero, ones, tiny (1e-30 scale), huge (1e30 scale), spike (one column 1e6 above the
+    rest)."""
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        w = rng.uniform(0.01, 10.0, n)
+    elif kind == "lognormal":
+        w = rng.lognormal(0.0, 2.0, n)
+    elif kind == "zeros":
+        w = rng.uniform(0.01, 10.0, n) * (np.arange(n) % 7 != 0)
+    elif kind == "allzero":
+        w = np.zeros(n)
+    elif kind == "ones":
+        w = np.ones(n)
+    elif kind == "tiny":
+        w = rng.uniform(0.1, 1.0, n) * 1e-30
+    elif kind == "huge":
+        w = rng.uniform(0.1, 1.0, n) * 1e30
+    elif kind == "spike":
+        w = rng.uniform(0.5, 1.0, n)
+        w[rng.integers(n)] = 1e6
+    else:
+        raise ValueError(kind)
+    return w.astype(np.float32)
+
+
+IMPORTANCE_KINDS = ("uniform", "lognormal", "zeros", "allzero", "ones", "tiny", "huge", "spike")
+
+
+def imatrix_entries(path) -> dict[str, np.ndarray]:
+    """The importance vectors of a GGUF imatrix file as llama-quantize derives them (tools/quantize's
+    load_imatrix): <name>.in_sum2 / <name>.counts in float32, 1 where the count is 0 (one expert per entry here)."""
+    import gguf
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
+    out = {}
+    for name, sums in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[:-len(".in_sum2")]
+        counts = tensors[base + ".counts"]
+        ne0 = sums.size // counts.size
+        e = np.ones_like(sums)
+        for j, c in enumerate(counts):
+            if c > 0:
+                e[j * ne0:(j + 1) * ne0] = sums[j * ne0:(j + 1) * ne0] / np.float32(c)
+        out[base] = e
+    return out
+
+
+def safetensors_rows(path, name: str) -> np.ndarray:
+    """One tensor of a safetensors file as float32 (BF16, F16 or F32; numpy has no bfloat16)."""
+    import json
+    import struct
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        meta = header[name]
+        a, b = meta["data_offsets"]
+        f.seek(8 + n + a)
+        raw = f.read(b - a)
+    shape = meta["shape"]
+    if meta["dtype"] == "BF16":
+        return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return np.frombuffer(raw, {"F16": np.float16, "F32": np.float32}[meta["dtype"]]).astype(np.float32).reshape(shape)

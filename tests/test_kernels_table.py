@@ -2,8 +2,10 @@
 test-quantize-fns.cpp loops over type_traits the same way): bytes equal to llama.cpp's quantizer
 (ggml_quantize_chunk without an importance matrix; quantize_row_q8_K_ref for Q8_K, which ggml_quantize_chunk does
 not take), dequantize equal to gguf-py's (ggml's for Q8_K, which gguf-py lacks), a round-trip error bound, and
-the table's own consistency. The fused decode kernels against the dequantized product are in
-test_runner_kernels.py. Inputs come from rows.py.
+the table's own consistency; with an importance matrix (every type whose row names a weighted quantizer),
+bytes equal to ggml_quantize_chunk's with that imatrix on random, real (stories3M's llama-imatrix output on its
+own weights), adversarial and non-finite rows under every kind of importance vector (zeros included). The fused
+decode kernels against the dequantized product are in test_runner_kernels.py. Inputs come from rows.py.
 
 Family-specific checks stay beside their family: test_kernels_legacy.py (32-weight blocks, gguf-py's quantizer),
 test_kernels_kquant_qkx.py (make_qkx2_quants), test_kernels_kquant_qx.py (fast paths against plain
@@ -16,7 +18,8 @@ import ctypes
 import numpy as np
 import pytest
 from llama_oracle import ggml_quantize, need_llama_cpp
-from rows import DISTS, adversarial_rows, random_rows
+from rows import (DISTS, IMPORTANCE_KINDS, adversarial_rows, imatrix_entries, importance, random_rows,
+                  safetensors_rows)
 
 from qtool import kernels
 from qtool.formats.constants import QK_K, TYPE_INFO, GGMLType
@@ -86,9 +89,15 @@ def test_traits_row(ggml_type):
     if row.codec is not None:
         assert ggml_type in kernels.quantizable_types()
         assert kernels._MODULES[ggml_type] == row.codec
-        with pytest.raises(NotImplementedError):  # importance weights: the next issue's
-            kernels.quantize(ggml_type, np.zeros((1, row.block_size), np.float32),
-                             quant_weights=np.ones(row.block_size, np.float32))
+        x = np.zeros((1, row.block_size), np.float32)
+        if row.weighted is None:
+            with pytest.raises(NotImplementedError):
+                kernels.quantize(ggml_type, x, quant_weights=np.ones(row.block_size, np.float32))
+        else:
+            assert kernels.quantize(ggml_type, x, quant_weights=np.ones(row.block_size, np.float32)).shape == \
+                (1, row.type_size)
+            with pytest.raises(ValueError, match="one value per column"):
+                kernels.quantize(ggml_type, x, quant_weights=np.ones(row.block_size + 1, np.float32))
     assert (ggml_type in mm.SUPPORTED) == (row.vec_dot is not None)
     if row.vec_dot is not None:
         assert mm.VEC_DOT_TYPE[ggml_type] == row.vec_dot
@@ -225,3 +234,102 @@ def test_round_trip_error(ggml_type):
         dq = kernels.dequantize(ggml_type, kernels.quantize(ggml_type, x), x.shape[1])
         step = np.abs(x.reshape(-1, QK_K)).max(axis=1, keepdims=True) / 127
         assert (np.abs(dq - x).reshape(-1, QK_K) <= step * (0.5 + 1e-5)).all()
+
+
+# ---- with an importance matrix (ggml_quantize_chunk with a non-NULL imatrix: quantize_row_*_impl) -----------------
+
+WEIGHTED = tuple(t for t in TYPES if TRAITS[t].weighted is not None)
+WIDS = [t.name for t in WEIGHTED]
+
+
+def assert_weighted_equal(ggml_type, x, qw, what):
+    with np.errstate(all="ignore"):
+        ref = ggml_quantize(x, ggml_type, qw)
+    assert_rows_equal(kernels.quantize(ggml_type, x, quant_weights=qw), ref, f"{ggml_type.name} imatrix {what}")
+
+
+def test_imatrix_types():
+    """Every type llama-quantize applies an imatrix to has a weighted quantizer (Q8_0 takes and ignores it)."""
+    T = GGMLType
+    assert set(WEIGHTED) == {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0}
+
+
+@pytest.mark.parametrize("ggml_type", WEIGHTED, ids=WIDS)
+@pytest.mark.parametrize("dist", DISTS)
+def test_imatrix_equals_llama_cpp_random(ggml_type, dist):
+    """Random rows of every distribution and scale, random positive importance vectors."""
+    need_llama_cpp()
+    for seed, scale in enumerate([1e-3, 1.0, 300.0]):
+        x = random_rows(seed, scale, dist)
+        for kind in ("uniform", "lognormal"):
+            assert_weighted_equal(ggml_type, x, importance(seed, x.shape[1], kind), f"{dist} {scale} {kind}")
+
+
+def _shared_imatrix():
+    from conftest import SHARED
+    path = SHARED / "reference" / "stories3M.imatrix.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    gguf()
+    return SHARED, imatrix_entries(path)
+
+
+_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+       "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+       "ffn_down": "mlp.down_proj"}
+
+
+@pytest.mark.parametrize("ggml_type", WEIGHTED, ids=WIDS)
+def test_imatrix_equals_llama_cpp_real(ggml_type):
+    """llama-imatrix's own importance vectors for stories3M (../shared/reference), applied to that model's own
+    weights (blocks 0 and 7, every kind of tensor: rows of 256 and 768) and to random rows."""
+    need_llama_cpp()
+    shared, entries = _shared_imatrix()
+    weights = shared / "models" / "stories3M" / "model.safetensors"
+    for name, qw in entries.items():
+        blk, kind = name.split(".")[1:3]
+        if blk not in ("0", "7"):
+            continue
+        x = random_rows(int(blk) + len(kind), 0.05, "laplace", (4, qw.size))
+        assert_weighted_equal(ggml_type, x, qw, f"{name} on random rows")
+        if weights.is_file():
+            x = np.ascontiguousarray(safetensors_rows(weights, f"model.layers.{blk}.{_HF[kind]}.weight"))
+            assert x.shape[1] == qw.size
+            assert_weighted_equal(ggml_type, x, qw, f"{name} on the model's weights")
+
+
+@pytest.mark.parametrize("ggml_type", WEIGHTED, ids=WIDS)
+def test_imatrix_equals_llama_cpp_adversarial(ggml_type):
+    """Adversarial rows (zeros, tiny, huge, outliers, constant rows ...) under every kind of importance vector,
+    zeros and all-zero included."""
+    need_llama_cpp()
+    x = adversarial_rows()
+    for seed, kind in enumerate(IMPORTANCE_KINDS):
+        assert_weighted_equal(ggml_type, x, importance(seed, x.shape[1], kind), f"adversarial, {kind}")
+
+
+@pytest.mark.parametrize("ggml_type", WEIGHTED, ids=WIDS)
+def test_imatrix_equals_llama_cpp_non_finite(ggml_type):
+    need_llama_cpp()
+    x = adversarial_rows(finite=False)[-5:]
+    assert_weighted_equal(ggml_type, x, importance(3, x.shape[1]), "non-finite")
+
+
+@pytest.mark.parametrize("ggml_type", WEIGHTED, ids=WIDS)
+@pytest.mark.parametrize("shape", [(1, 256), (3, 256), (3, 768), (5, 768), (7, 1280), (5, 2304), (2, 4096)])
+def test_imatrix_equals_llama_cpp_shapes(ggml_type, shape):
+    """Row lengths: one super-block, several, odd counts; each row's sigma2 is its own."""
+    need_llama_cpp()
+    for seed, scale in ((sum(shape), 2.0), (11, 1.0)):
+        x = random_rows(seed, scale, "laplace", shape)
+        assert_weighted_equal(ggml_type, x, importance(seed, shape[1], "lognormal"), f"{shape} seed {seed}")
+
+
+def test_imatrix_row_layout():
+    """Rows one by one give the bytes of all rows at once (the kernels are parallel over rows)."""
+    x = random_rows(3, 1.0, "normal", (7, 768))
+    qw = importance(4, 768)
+    for ggml_type in WEIGHTED:
+        q = kernels.quantize(ggml_type, x, quant_weights=qw)
+        for i in range(len(x)):
+            np.testing.assert_array_equal(kernels.quantize(ggml_type, x[i:i + 1], quant_weights=qw), q[i:i + 1])
