@@ -258,6 +258,10 @@ class Keys:
         # its tensors, per weight tensor <name>: summed squared activations, and how many tokens were summed
         SUM2_TENSOR = "{name}.in_sum2"
         COUNTS_TENSOR = "{name}.counts"
+        SUM_TENSOR = "{name}.in_sum"  # summed activations (newer llama-imatrix writes it; llama-quantize ignores it)
+
+
+IMATRIX_GENERAL_TYPE = "imatrix"  # the general.type value of an importance-matrix file (a value, not a key)
 
 
 def arch_key(template: str, arch: str) -> str:

@@ -20,6 +20,16 @@ from qtool.formats.constants import (GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, TYPE_IN
 
 MAX_DIMS = 4
 MAX_NESTING = 8  # arrays of arrays deeper than this are not real files
+# ggml's gguf_init_from_file reads ne[] as int64 and rejects negative dims and element counts past INT64_MAX;
+# a dim of 0 it accepts (an empty tensor), so we do too, with correctly shaped empty views
+MAX_ELEMENTS = 2**63 - 1
+
+
+def _prod(ne: list[int]) -> int:
+    n = 1
+    for d in ne:
+        n *= d
+    return n
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,14 @@ class MetaField:
     value: Any  # int, float, bool, str, numpy array (numeric arrays), or list (string / nested arrays)
     type: ValueType
     elem_type: ValueType | None = None  # for arrays
+    items: tuple["MetaField", ...] | None = None  # for arrays of arrays: each inner array with its own elem_type
+
+    def writer_value(self) -> Any:
+        """The value in the form GGUFWriter.add takes: for arrays of arrays, [(elem_type, values), ...] nested
+        (the inner element types are not recoverable from the plain values, e.g. for empty inner arrays)."""
+        if self.items is None:
+            return self.value
+        return [(it.elem_type, it.writer_value()) for it in self.items]
 
 
 class GGUFFile:
@@ -120,8 +138,9 @@ class GGUFFile:
                 if etype == ValueType.BOOL:
                     arr = arr.astype(bool)
                 return MetaField(arr, vtype, etype)
-            items = [self._value(etype, f"{what}[{i}]", depth + 1).value for i in range(count)]
-            return MetaField(items, vtype, etype)
+            fields = [self._value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
+            return MetaField([f.value for f in fields], vtype, etype,
+                             tuple(fields) if etype == ValueType.ARRAY else None)
         dtype = np.dtype(VALUE_DTYPES[vtype])
         start = self._take(dtype.itemsize, what)
         v = np.frombuffer(self._buf, dtype=dtype, count=1, offset=start)[0]
@@ -164,6 +183,11 @@ class GGUFFile:
             if not 1 <= n_dims <= MAX_DIMS:
                 raise self._fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
             ne = [self._u64(f"tensor {name!r} dimension") for _ in range(n_dims)]
+            # checked here, before anything is shaped or allocated from them (numpy cannot even shape 2^63)
+            if any(d > MAX_ELEMENTS for d in ne):
+                raise self._fail(f"tensor {name!r} has dimensions {ne}: a dimension above 2^63-1 is invalid")
+            if 0 not in ne and _prod(ne) > MAX_ELEMENTS:
+                raise self._fail(f"tensor {name!r} has dimensions {ne}: more than 2^63-1 elements")
             raw_type = self._u32(f"tensor {name!r} type")
             try:
                 ggml_type = GGMLType(raw_type)
@@ -181,6 +205,8 @@ class GGUFFile:
             n = 1
             for d in ne:
                 n *= d
+            if ne[0] // info.block_size * info.type_size > MAX_ELEMENTS:  # a row numpy could not shape, even empty
+                raise self._fail(f"tensor {name!r}: a row of {ne[0]} {ggml_type.name} values is too long")
             if ne[0] % info.block_size:
                 raise self._fail(f"tensor {name!r}: row of {ne[0]} is not a multiple of "
                                  f"{ggml_type.name}'s block of {info.block_size}")
@@ -206,8 +232,11 @@ class GGUFFile:
         """The tensor's bytes as a zero-copy uint8 view, shaped (rows, bytes per row)."""
         t = self.tensors[name]
         row = t.shape[-1] // TYPE_INFO[t.ggml_type].block_size * TYPE_INFO[t.ggml_type].type_size
+        rows = _prod(list(t.shape[:-1]))
+        if t.nbytes == 0:  # an empty tensor (a zero dim): reshape(-1, 0) is ambiguous, and frombuffer needs a byte
+            return np.zeros((rows, row), dtype=np.uint8)
         arr = np.frombuffer(self._map, dtype=np.uint8, count=t.nbytes, offset=t.offset)
-        return arr.reshape(-1, row)
+        return arr.reshape(rows, row)
 
     def array(self, name: str) -> np.ndarray:
         """Zero-copy typed view for float/int tensors in numpy shape; packed uint8 rows for quantized ones.
@@ -218,6 +247,8 @@ class GGUFFile:
                   GGMLType.I8: "i1", GGMLType.I16: "<i2", GGMLType.I32: "<i4", GGMLType.I64: "<i8"}
         if t.ggml_type not in dtypes:
             return self.raw(name)
+        if t.nbytes == 0:  # an empty tensor: frombuffer cannot take count=0 at the end of the map
+            return np.zeros(t.shape, dtype=dtypes[t.ggml_type])
         return np.frombuffer(self._map, dtype=dtypes[t.ggml_type], count=t.n_elements,
                              offset=t.offset).reshape(t.shape)
 

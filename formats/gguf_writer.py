@@ -44,21 +44,29 @@ def _encode_value(value: Any, vtype: ValueType, elem_type: ValueType | None) -> 
     if vtype == ValueType.ARRAY:
         if elem_type is None:
             raise ValueError("array metadata needs an element type")
+        if elem_type == ValueType.ARRAY:  # _encode_nested writes its own header
+            return _encode_nested(value)
         head = struct.pack("<IQ", elem_type, len(value))
         if elem_type in VALUE_DTYPES:
             return head + np.asarray(value).astype(VALUE_DTYPES[elem_type], copy=False).tobytes()
         if elem_type == ValueType.STRING:
             return head + b"".join(_encode_string(s) for s in value)
-        raise ValueError("nested arrays are written as (ValueType.ARRAY, [(elem_type, items), ...])")
+        raise ValueError(f"arrays of {ValueType(elem_type).name} cannot be written")
     if vtype == ValueType.BOOL:
         return struct.pack("<B", 1 if value else 0)
     return np.array(value, dtype=VALUE_DTYPES[vtype]).tobytes()
 
 
 def _encode_nested(items: Sequence[tuple[ValueType, Sequence]]) -> bytes:
-    """An array whose elements are arrays: each item is (element type, values)."""
+    """An array whose elements are arrays: each item is (element type, values), and values of an ARRAY element
+    type are again [(element type, values), ...] (GGUF allows any depth; MetaField.writer_value gives this form)."""
     out = [struct.pack("<IQ", ValueType.ARRAY, len(items))]
-    for etype, values in items:
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise ValueError("nested arrays are written as (ValueType.ARRAY, [(elem_type, items), ...])")
+        etype, values = item
+        if etype is None:
+            raise ValueError("an inner array needs an element type")
         out.append(_encode_value(values, ValueType.ARRAY, etype))
     return b"".join(out)
 

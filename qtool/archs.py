@@ -8,6 +8,7 @@ them differently).
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -245,11 +246,16 @@ class HParams:
     n_ctx_train: int
 
 
+MAX_HPARAM = 2**31 - 1  # llama.cpp keeps hparams in int32/uint32
+
+
 def hparams_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any] | None = None) -> HParams:
     """The runner's hyperparameters from a file's metadata, with llama.cpp's defaults for absent keys. n_vocab is
     token_embd's row count when `tensors` (name → an object with .shape) is given, else {arch}.vocab_size or the
     token list's length. Problems raise QtoolError(problem); the caller prefixes the path."""
     arch = metadata.get(K.General.ARCHITECTURE)
+    if not isinstance(arch, str):  # a list or number here is a broken file, not an unknown architecture
+        raise QtoolError(f"metadata {K.General.ARCHITECTURE} is {_kind(arch)}, expected a string")
     if arch not in ARCHS:
         raise QtoolError(f"architecture {arch!r} is not supported by the runner (supported: {', '.join(ARCHS)})")
 
@@ -260,25 +266,51 @@ def hparams_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any] | 
             raise QtoolError(f"metadata {name} is missing")
         if isinstance(v, (np.ndarray, list, tuple)):  # per-layer arrays: only uniform ones are supported
             a = np.asarray(v)
+            if a.dtype.kind not in "iuf" or a.ndim != 1:
+                raise QtoolError(f"metadata {name} is {_kind(v)}, expected a number")
             if a.size == 0 or not np.all(a == a.flat[0]):
                 raise QtoolError(f"metadata {name} varies by layer, which the runner does not support")
             v = a.flat[0].item()
+        if isinstance(v, np.generic):  # numpy scalars from callers other than the reader: checked as Python values
+            v = v.item()
         return v
 
-    n_embd = int(key(K.LLM.EMBEDDING_LENGTH, required=True))
-    n_head = int(key(K.Attention.HEAD_COUNT, required=True))
-    n_head_kv = int(key(K.Attention.HEAD_COUNT_KV, n_head))
+    # every number is checked for type and range where it is read: int("64") or float("x") would pass or trace
+    def key_int(template: str, default: Any = None, required: bool = False, lo: int = 1) -> int:
+        v = key(template, default, required)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise QtoolError(f"metadata {arch_key(template, arch)} is {_kind(v)}, expected an integer")
+        if not lo <= v <= MAX_HPARAM:
+            raise QtoolError(f"metadata {arch_key(template, arch)} is {v}, expected {lo} to {MAX_HPARAM}")
+        return v
+
+    def key_float(template: str, default: float) -> float:
+        v = key(template, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise QtoolError(f"metadata {arch_key(template, arch)} is {_kind(v)}, expected a number")
+        v = float(v)
+        if not math.isfinite(v) or v <= 0:  # eps, rope base and scaling factor: 0, NaN or inf is nonsense
+            raise QtoolError(f"metadata {arch_key(template, arch)} is {v}, expected a finite positive number")
+        return v
+
+    n_embd = key_int(K.LLM.EMBEDDING_LENGTH, required=True)
+    n_head = key_int(K.Attention.HEAD_COUNT, required=True)
+    n_head_kv = key_int(K.Attention.HEAD_COUNT_KV, n_head)
     if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
         raise QtoolError(f"{n_head} attention heads cannot share {n_head_kv} KV heads")
-    head_dim = int(key(K.Attention.KEY_LENGTH, n_embd // n_head))
-    head_dim_v = int(key(K.Attention.VALUE_LENGTH, head_dim))
-    n_rot = int(key(K.Rope.DIMENSION_COUNT, head_dim))
+    head_dim = key_int(K.Attention.KEY_LENGTH, max(n_embd // n_head, 1))
+    head_dim_v = key_int(K.Attention.VALUE_LENGTH, head_dim)
+    n_rot = key_int(K.Rope.DIMENSION_COUNT, head_dim, lo=0)
     if n_rot % 2 or n_rot > head_dim:
         raise QtoolError(f"rope.dimension_count {n_rot} does not fit head size {head_dim}")
     freq_scale = 1.0
     stype = key(K.Rope.SCALING_TYPE)
+    if stype is not None and not isinstance(stype, str):
+        raise QtoolError(f"metadata {arch_key(K.Rope.SCALING_TYPE, arch)} is {_kind(stype)}, expected a string")
     if stype in ("linear",):
-        factor = float(key(K.Rope.SCALING_FACTOR, 1.0) or 1.0)
+        factor = key_float(K.Rope.SCALING_FACTOR, 1.0)
         freq_scale = 1.0 / factor if factor else 1.0
     elif stype not in (None, "none"):
         raise QtoolError(f"RoPE scaling {stype!r} is not supported by the runner (linear and Llama 3's are)")
@@ -290,10 +322,29 @@ def hparams_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any] | 
         n_vocab = int(emb.shape[0])
     else:
         tokens = metadata.get(K.Tokenizer.LIST)
-        n_vocab = int(key(K.LLM.VOCAB_SIZE, len(tokens) if tokens is not None else 0) or 0)
-    return HParams(arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(key(K.LLM.BLOCK_COUNT, required=True)),
+        n_vocab = key_int(K.LLM.VOCAB_SIZE, len(tokens) if isinstance(tokens, list) else 0, lo=0)
+    return HParams(arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=key_int(K.LLM.BLOCK_COUNT, required=True),
                    n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
-                   n_ff=int(key(K.LLM.FEED_FORWARD_LENGTH, 0)),
-                   eps=float(key(K.Attention.LAYERNORM_RMS_EPS, 1e-5)),
-                   rope_base=float(key(K.Rope.FREQ_BASE, 10000.0)), n_rot=n_rot, rope_mode=ARCHS[arch].rope_mode,
-                   freq_scale=freq_scale, n_ctx_train=int(key(K.LLM.CONTEXT_LENGTH, 0) or 0))
+                   n_ff=key_int(K.LLM.FEED_FORWARD_LENGTH, 0, lo=0),
+                   eps=key_float(K.Attention.LAYERNORM_RMS_EPS, 1e-5),
+                   rope_base=key_float(K.Rope.FREQ_BASE, 10000.0), n_rot=n_rot, rope_mode=ARCHS[arch].rope_mode,
+                   freq_scale=freq_scale, n_ctx_train=_ctx(key(K.LLM.CONTEXT_LENGTH, 0), arch))
+
+
+def _ctx(v: Any, arch: str) -> int:
+    """context_length: any non-negative integer (a huge one is capped by memory when the cache is allocated)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        shown = v if isinstance(v, int) and not isinstance(v, bool) else _kind(v)
+        raise QtoolError(f"metadata {arch_key(K.LLM.CONTEXT_LENGTH, arch)} is {shown}, "
+                         "expected a non-negative integer")
+    return v
+
+
+def _kind(v: Any) -> str:
+    """How a wrong metadata value is named in an error: its type, and the value when short."""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return f"an array of {len(v)}"
+    if v is None:
+        return "missing"
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 40 else text[:40] + '...'}"

@@ -23,6 +23,8 @@ class ChatTemplate:
         eos = tokenizer.tokens[tokenizer.eos_id] if tokenizer.eos_id is not None else ""
         if not src:
             return cls(None, bos, eos, PLAIN_NOTE)
+        if not isinstance(src, str):  # str() of a number or list would "render" as a template of its repr
+            return cls(None, bos, eos, "the file's tokenizer.chat_template is not a string; using a plain template")
         t = cls(str(src), bos, eos)
         try:  # render once now so that a template we cannot render falls back at start, not mid-conversation
             t.render([{"role": "user", "content": "hi"}])

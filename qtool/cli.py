@@ -26,8 +26,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compress Hugging Face LLM checkpoints into GGUF files llama.cpp runs, and inspect them.")
 
 
+# control characters in an error (a file-derived name with a newline or an ESC sequence) shown as escapes, so the
+# error stays one line and cannot restyle the terminal
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)] if c != 0x09}
+
+
 def _err(msg: str) -> None:
-    print(f"qtool: error: {msg}", file=sys.stderr)
+    print(f"qtool: error: {msg.translate(_CONTROL)}", file=sys.stderr)
 
 
 def _human(n: float) -> str:
@@ -118,6 +123,13 @@ def inspect(
     from qtool import report
 
     p = Path(path)
+    if p.is_file() and insp.is_imatrix(p):  # an importance matrix has no layers to size: its own report
+        data = insp.imatrix_report(p)
+        if as_json:
+            print(json.dumps(data, indent=1))
+        else:
+            report.print_imatrix(data)
+        return
     if p.is_file():
         data = insp.gguf_report(p, full_meta=meta and as_json)
         if not as_json:
@@ -170,3 +182,7 @@ from qtool.commands_run import perplexity, run  # noqa: E402  (light module: hea
 
 app.command()(run)
 app.command()(perplexity)
+
+from qtool.commands_imatrix import imatrix  # noqa: E402
+
+app.command()(imatrix)

@@ -9,13 +9,55 @@ from typing import Optional
 
 import typer
 
-from qtool.errors import QtoolError
+from qtool.errors import QtoolError, UsageError
+
+MAX_SEED = 2**64 - 1  # numpy's generators take any non-negative seed; llama.cpp's are uint32, -1 meaning random
+
+
+def _check_utf8(option: str, text: str) -> None:
+    """argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape); they would fail deep in encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{option}: the text is not valid UTF-8") from None
+
+
+def _check_run_options(max_tokens: int, temp: float, top_k: int, top_p: float, repeat_penalty: float,
+                       seed: int | None, ctx: int | None) -> int | None:
+    """Usage errors for options the sampler cannot honour, before the model is loaded; returns the seed to use."""
+    import math
+    if max_tokens < 0:
+        raise UsageError(f"--max-tokens {max_tokens}: use 0 or more")
+    if not math.isfinite(temp) or temp < 0:
+        raise UsageError(f"--temp {temp}: use a finite number >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise UsageError(f"--top-k {top_k}: use 0 (off) or more")
+    if not (0.0 <= top_p <= 1.0):  # also false for NaN
+        raise UsageError(f"--top-p {top_p}: use a number from 0 to 1")
+    if not math.isfinite(repeat_penalty) or repeat_penalty <= 0:  # 0 divides by zero, negatives flip logits
+        raise UsageError(f"--repeat-penalty {repeat_penalty}: use a finite number > 0 (1 = off)")
+    if ctx is not None and ctx < 0:  # 0 is the model's own context, as llama.cpp's -c 0
+        raise UsageError(f"--ctx {ctx}: use a context of at least 1 token (0 = the model's)")
+    if seed == -1:  # llama.cpp's "random seed"
+        return None
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed {seed}: use 0 to {MAX_SEED}, or -1 for a random seed")
+    return seed
+
+
+def _check_logits(model, logits) -> None:
+    """NaN or infinite logits come from broken weights; the sampler would draw garbage or fail on them."""
+    import numpy as np
+    if not np.isfinite(logits).all():
+        raise QtoolError(f"{model.path}: the model computed NaN or infinite logits; its weights are broken")
 
 
 def _generate(model, sampler, prompt_ids: list[int], max_tokens: int, out) -> tuple[list[int], float, float]:
     """Evaluate the prompt, then sample until end-of-generation or max_tokens; stream text to `out`."""
     from qtool.tokenizer import StreamDecoder
     tok = model.tokenizer
+    if not prompt_ids:
+        raise UsageError("the prompt is empty and the model adds no BOS token: give a prompt with -p")
     t0 = time.perf_counter()
     logits = model.eval(prompt_ids)
     t_prompt = time.perf_counter() - t0
@@ -26,6 +68,7 @@ def _generate(model, sampler, prompt_ids: list[int], max_tokens: int, out) -> tu
     t1 = time.perf_counter()
     try:
         while len(generated) < max_tokens and model.n_past < model.n_ctx:
+            _check_logits(model, logits)
             nxt = sampler.sample(logits)
             if tok.is_eog(nxt):
                 break
@@ -59,7 +102,13 @@ def run(
     from qtool.perplexity import peak_rss_bytes
     from qtool.sampling import Sampler, SamplerOptions
 
+    seed = _check_run_options(max_tokens, temp, top_k, top_p, repeat_penalty, seed, ctx)
+    if prompt is not None:
+        _check_utf8("--prompt", prompt)
     model = Model(path, n_ctx=ctx, kv_type=kv_type)
+    for note in model.notes:
+        if not quiet:
+            print(f"qtool: warning: {note}", file=sys.stderr)
     model.warm_up()  # so that the prompt's tokens/s is not the kernels' loading time
     opts = SamplerOptions(temperature=temp, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, seed=seed)
     try:
@@ -105,8 +154,18 @@ def _chat(model, sampler, max_tokens: int, quiet: bool) -> None:
             return
         if not line.strip():
             continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable terminal bytes arrive as lone surrogates
+            print("qtool: that line is not valid UTF-8; type it again", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
-        text = tpl.render(messages)
+        try:
+            text = tpl.render(messages)
+        except Exception as e:  # the start-up test render passed, but a template may fail on a later turn
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise QtoolError(f"{model.path}: the chat template failed on turn {len(messages) // 2 + 1} "
+                             f"({type(e).__name__}: {first})") from None
         ids = model.tokenizer.encode(text, parse_special=True)
         model.reset(0)
         if len(ids) >= model.n_ctx:
@@ -140,6 +199,8 @@ def perplexity(
     from qtool import perplexity as ppl
     from qtool.model import Model
 
+    if ctx < 1:
+        raise UsageError(f"--ctx {ctx}: use an even context of at least 8 tokens")
     try:
         body = text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -181,6 +181,8 @@ def _plan_gguf(path: Path, key: str, opts: RecipeOptions, allow_requantize: bool
         jobs = []
         for name in recipes.llama_order(list(g.tensors)):
             t = g.tensors[name]
+            if t.n_elements == 0:  # valid GGUF (ggml reads a 0 dim), but no model has one: refuse, not write it
+                raise QtoolError(f"{path}: tensor {name} is empty (shape {list(t.shape)}); a model cannot use it")
             jobs.append(TensorJob(name, t.shape, t.ggml_type, lambda t=t: _dequantize(g, t), source_type=t.ggml_type))
         _assign_types(jobs, key, facts, opts)
         requant = [j.name for j in jobs if j.source_type not in FLOAT_TYPES and j.ggml_type != j.source_type]
@@ -191,7 +193,7 @@ def _plan_gguf(path: Path, key: str, opts: RecipeOptions, allow_requantize: bool
             warnings.append(f"requantizing {len(requant)} already-quantized tensors; quality will suffer")
         # as llama-quantize does: copy the metadata, then append the quantization version and file type
         G = Keys.General
-        md = [(k, f.value, f.type, f.elem_type) for k, f in g.fields.items()
+        md = [(k, f.writer_value(), f.type, f.elem_type) for k, f in g.fields.items()
               if k not in (G.FILE_TYPE, G.QUANTIZATION_VERSION, G.ALIGNMENT)]
         md.append((G.QUANTIZATION_VERSION, GGML_QUANTIZATION_VERSION, ValueType.UINT32, None))
         md.append((G.FILE_TYPE, int(FILE_TYPES[key]), ValueType.UINT32, None))

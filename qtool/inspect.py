@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from qtool.errors import QtoolError
-from qtool.formats.constants import FILE_TYPES, FileType, Keys, arch_key
+from qtool.formats.constants import FILE_TYPES, IMATRIX_GENERAL_TYPE, FileType, Keys, arch_key
 from qtool.formats.gguf_reader import GGUFFile
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -121,3 +121,54 @@ def checkpoint_report(src: str) -> dict:
         r.pop("types"), r.pop("bytes"), r.pop("bits_per_weight")
     return {"source": src, "model": base.model_name if base else None,
             "parameters": base.n_params if base else 0, "layers": rows, "sizes": sizes}
+
+
+def is_imatrix(path: Path) -> bool:
+    """An importance-matrix file: GGUF with general.type = imatrix, or llama.cpp's legacy .dat."""
+    from qtool.formats.constants import GGUF_MAGIC
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if len(head) == 4 and int.from_bytes(head, "little") == GGUF_MAGIC:
+        with GGUFFile(path) as g:
+            return g.get(Keys.General.TYPE) == IMATRIX_GENERAL_TYPE
+    return path.suffix == ".dat"
+
+
+def imatrix_report(path: Path) -> dict:
+    """Entries, chunks, datasets and per tensor the statistics of its importance E[x²] = in_sum2 / count, as
+    `llama-imatrix --show-statistics` reports them (sum, min, max, mean, σ, normalized entropy, share of
+    values more than one σ from the mean, cosine similarity to the same tensor one layer up)."""
+    from qtool.formats.imatrix import read_imatrix
+
+    data = read_imatrix(path)
+    imp = {name: data.importance(name).astype(np.float64) for name in data.entries}
+    rows = []
+    for name, e in data.entries.items():
+        v = imp[name]
+        live = np.repeat(e.counts > 0, e.n_cols)  # experts calibration never reached are left out, as llama.cpp
+        v = v[live]
+        n = int(v.size)
+        mean = float(v.mean()) if n else 0.0
+        std = float(v.std(ddof=1)) if n > 1 else 0.0
+        p = np.clip(v, 0, None)
+        total = p.sum()
+        p = p[p > 0] / total if total > 0 else p[:0]
+        entropy = float(-(p * np.log2(p)).sum())
+        m = _LAYER.match(name)
+        prev = f"blk.{int(m.group(1)) - 1}.{name[m.end():]}" if m and int(m.group(1)) > 0 else None
+        cos = None
+        if prev in imp and imp[prev].shape == imp[name].shape:
+            a, b = imp[name], imp[prev]
+            na, nb = np.linalg.norm(a), np.linalg.norm(b)
+            cos = float(np.clip(a @ b / (na * nb), -1, 1)) if na > 0 and nb > 0 else None
+        rows.append({"name": name, "layer": layer_of(name), "experts": e.n_mat, "columns": e.n_cols,
+                     "count": float(e.counts.max()) if e.counts.size else 0.0,
+                     "sum": float(v.sum()), "min": float(v.min()) if n else 0.0, "max": float(v.max()) if n else 0.0,
+                     "mean": mean, "std": std, "elements": n,
+                     "entropy_pct": 100 * entropy / math.log2(n) if n > 1 else 0.0,
+                     "zd_pct": 100 * float((np.abs(v - mean) > std).mean()) if n and std > 0 else 0.0,
+                     "cos_prev": cos})
+    rows.sort(key=lambda row: (_layer_sort_key(row["layer"]), row["name"]))  # blk.2 before blk.10
+    return {"file": str(path), "format": "dat" if data.legacy else "gguf", "entries": len(data.entries),
+            "chunk_count": data.chunk_count, "chunk_size": data.chunk_size, "datasets": list(data.datasets),
+            "tensors": rows}

@@ -37,6 +37,21 @@ def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x * scale[:, None]) * w
 
 
+KV_MEMORY_FRACTION = 0.5  # of the available memory at most, for the KV cache: weights and activations need the rest
+
+
+def kv_bytes_per_token(c: HParams, kv_type: str) -> int:
+    """Bytes of K and V per cached position over all layers (q8_0: a code byte per value, an f16 scale per 32)."""
+    per_value = {"f16": 2.0, "f32": 4.0, "q8_0": 1.0 + 2.0 / 32}.get(kv_type, 4.0)
+    return max(1, int(c.n_layer * c.n_head_kv * (c.head_dim + c.head_dim_v) * per_value))
+
+
+def max_ctx_for_memory(c: HParams, kv_type: str) -> int:
+    """The longest context whose KV cache fits in KV_MEMORY_FRACTION of the available memory (at least 1)."""
+    import psutil
+    return max(1, int(psutil.virtual_memory().available * KV_MEMORY_FRACTION) // kv_bytes_per_token(c, kv_type))
+
+
 class Model:
     """A GGUF model ready to evaluate tokens: `eval(tokens)` appends them to the KV cache and returns logits."""
 
@@ -57,6 +72,13 @@ class Model:
         self.n_ctx = min(n_ctx, ctx_max) if n_ctx else ctx_max
         self.kv_type = kv_type
         c = self.cfg
+        # a file's context_length (2^32-1, 2^40) can ask for a cache of terabytes: cap it by the memory there is
+        self.notes: list[str] = []
+        fit = max_ctx_for_memory(c, kv_type)
+        if self.n_ctx > fit:
+            self.notes.append(f"context of {self.n_ctx} tokens capped to {fit}: a larger KV cache would not fit "
+                              "in the available memory")
+            self.n_ctx = fit
         self.cache = KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, self.n_ctx, kv_type)
         self.n_past = 0
         self._tokenizer = None
@@ -78,9 +100,13 @@ class Model:
         if self._tokenizer is None:
             from qtool.tokenizer import Tokenizer
             try:
-                self._tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+                tok = Tokenizer.from_metadata(self.gguf.metadata)
             except QtoolError as e:
                 raise self._fail(str(e)) from None
+            if len(tok.tokens) != self.cfg.n_vocab:  # as llama.cpp: a sampled id must have a token to print
+                raise self._fail(f"the vocabulary has {len(tok.tokens)} tokens but token_embd has "
+                                 f"{self.cfg.n_vocab} rows")
+            self._tokenizer = tok
         return self._tokenizer
 
     @property

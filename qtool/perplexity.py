@@ -60,6 +60,9 @@ class Result:
 def _ppl(nll: np.ndarray) -> tuple[float, float]:
     n = len(nll)
     mean = float(nll.mean())
+    if not math.isfinite(mean) or mean > 700:  # exp() overflows past ~709: only broken logits get here
+        raise QtoolError(f"perplexity is not finite (mean negative log-likelihood {mean:.4g} nats): the model's "
+                         "logits are broken (NaN, infinite or absurdly large)")
     ppl = math.exp(mean)
     var = float((nll * nll).mean() - mean * mean)
     err = ppl * math.sqrt(var / (n - 1)) if n > 1 and var > 0 else 0.0

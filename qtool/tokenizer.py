@@ -18,6 +18,8 @@ import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from qtool.errors import QtoolError
 from qtool.formats.constants import Keys, TokenType
 
@@ -77,9 +79,33 @@ _CHAR_BYTES = {c: b for b, c in enumerate(BYTE_CHARS)}
 
 def _get_id(meta: Mapping[str, Any], key: str, n_vocab: int, default: int | None) -> int | None:
     value = meta.get(key)
+    if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
+        # llama.cpp refuses a key of the wrong type ("key has wrong type"); int(nan) or int("") would trace
+        raise QtoolError(f"metadata {key} is {_kind(value)}, expected a token id")
     if value is None or not 0 <= int(value) < n_vocab:  # llama.cpp ignores an out-of-range id and keeps the default
         return default if default is not None and 0 <= default < n_vocab else None
     return int(value)
+
+
+def _kind(v: Any) -> str:
+    """How a wrong metadata value is named in an error: its type, and the value when short."""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return f"an array of {len(v)}"
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 40 else text[:40] + '...'}"
+
+
+def _numbers(meta: Mapping[str, Any], key: str, n_vocab: int, kinds: str) -> Any:
+    """A per-token numeric array (scores, token types): absent, or exactly one finite number per token."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    arr = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if arr is None or arr.ndim != 1 or arr.dtype.kind not in kinds:
+        raise QtoolError(f"metadata {key} is {_kind(value)}, expected an array of numbers")
+    if len(arr) != n_vocab:
+        raise QtoolError(f"metadata {key} has {len(arr)} entries for a vocabulary of {n_vocab} tokens")
+    return value
 
 
 class Tokenizer:
@@ -92,7 +118,7 @@ class Tokenizer:
                  eot_id: int | None = None, eom_id: int | None = None, add_bos: bool | None = None,
                  add_eos: bool = False, add_space_prefix: bool | None = None) -> None:
         if model not in ("llama", "gpt2"):
-            raise QtoolError(f"tokenizer model '{model}' is not supported (only 'llama' and 'gpt2')")
+            raise QtoolError(f"tokenizer model {model!r} is not supported (only 'llama' and 'gpt2')")
         self.model = model
         self.pre = pre
         # llama.cpp renames empty tokens so that every text maps back to one id
@@ -135,21 +161,35 @@ class Tokenizer:
         tokens = meta.get(KT.LIST)
         if model is None or tokens is None:
             raise QtoolError("the file has no tokenizer (tokenizer.ggml.model and tokenizer.ggml.tokens are needed)")
+        # each key is checked for type and length here, where it is read: a wrong one would otherwise surface as
+        # an IndexError or TypeError deep in encoding
+        if not isinstance(model, str):
+            raise QtoolError(f"metadata {KT.MODEL} is {_kind(model)}, expected a string")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, (str, bytes)) for t in tokens):
+            raise QtoolError(f"metadata {KT.LIST} is {_kind(tokens)}, expected a non-empty array of strings")
         tokens = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in tokens]
         n = len(tokens)
-        types = meta.get(KT.TOKEN_TYPE)
-        scores = meta.get(KT.SCORES)
-        if model == "gpt2" and meta.get(KT.MERGES) is None:
+        types = _numbers(meta, KT.TOKEN_TYPE, n, "iu")
+        scores = _numbers(meta, KT.SCORES, n, "iuf")
+        merges = meta.get(KT.MERGES)
+        if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
+            raise QtoolError(f"metadata {KT.MERGES} is {_kind(merges)}, expected an array of strings")
+        pre = meta.get(KT.PRE)
+        if pre is not None and not isinstance(pre, str):
+            raise QtoolError(f"metadata {KT.PRE} is {_kind(pre)}, expected a string")
+        if model == "gpt2" and merges is None:
             raise QtoolError("byte-level BPE tokenizer without tokenizer.ggml.merges")
         # llama.cpp's default special ids when the file names none: SPM <unk>=0 <s>=1 </s>=2; GPT-2 BPE 11 for both
         bos_default, eos_default, unk_default = (1, 2, 0) if model == "llama" else (11, 11, None)
 
         def flag(key: str) -> bool | None:
             value = meta.get(key)
+            if value is not None and not isinstance(value, (bool, int, np.bool_, np.integer)):  # bool([True]) would be a silent yes
+                raise QtoolError(f"metadata {key} is {_kind(value)}, expected a bool")
             return None if value is None else bool(value)
 
         return cls(str(model), tokens, [int(t) for t in types] if types is not None else None,
-                   scores, meta.get(KT.MERGES), str(meta.get(KT.PRE) or "default"),
+                   scores, merges, str(pre or "default"),
                    bos_id=_get_id(meta, KT.BOS_ID, n, bos_default),
                    eos_id=_get_id(meta, KT.EOS_ID, n, eos_default),
                    unk_id=_get_id(meta, KT.UNK_ID, n, unk_default),

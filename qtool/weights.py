@@ -134,3 +134,29 @@ def load_weights(gguf: GGUFFile, cfg: HParams, fail: Callable[[str], QtoolError]
     rope_freqs = ld.vector(tensor_name(M.ROPE_FREQS), c.n_rot // 2, required=False)
     return ModelWeights(token_embd=token_embd, layers=[ld.layer(c, i) for i in range(c.n_layer)],
                         output_norm=output_norm, output=output, tied=out is None, rope_freqs=rope_freqs)
+
+
+class ObservedWeight:
+    """A Weight that first hands its input to `observer(name, x)`: how the importance matrix sees every product
+    without the forward pass knowing. Only installed by `observed`, so the plain runner pays nothing."""
+    __slots__ = ("inner", "observer")
+
+    def __init__(self, inner: Weight, observer: Callable[[str, np.ndarray], None]):
+        self.inner, self.observer = inner, observer
+
+    def __call__(self, x: np.ndarray, acts: dict | None = None) -> np.ndarray:
+        self.observer(self.inner.name, x)
+        return self.inner(x, acts)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.inner, attr)
+
+
+def observed(w: ModelWeights, observer: Callable[[str, np.ndarray], None]) -> ModelWeights:
+    """A copy of `w` whose matrices report each product's input to `observer` (the original is untouched)."""
+    from dataclasses import fields, replace
+
+    def wrap(rec):
+        return replace(rec, **{f.name: ObservedWeight(getattr(rec, f.name), observer) for f in fields(rec)
+                               if isinstance(getattr(rec, f.name), Weight)})
+    return replace(wrap(w), layers=[wrap(L) for L in w.layers])
