@@ -60,6 +60,12 @@ def convert(
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Keep output.weight unquantized"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize",
                                           help="Allow requantizing tensors that are already quantized"),
+    imatrix: Optional[str] = typer.Option(None, "--imatrix",
+                                          help="Importance matrix (llama-imatrix or qtool imatrix, .gguf or .dat)"),
+    include_weights: list[str] = typer.Option([], "--include-weights",
+                                              help="Use the importance matrix only for tensors matching (repeatable)"),
+    exclude_weights: list[str] = typer.Option([], "--exclude-weights",
+                                              help="Do not use the importance matrix for tensors matching (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ) -> None:
     """Convert a checkpoint (or requantize a GGUF file) to one GGUF file, with llama-quantize's recipes."""
@@ -67,13 +73,21 @@ def convert(
     from qtool import recipes
 
     t0 = time.perf_counter()
+    if (include_weights or exclude_weights) and not imatrix:
+        raise UsageError("--include-weights and --exclude-weights need --imatrix")
+    imatrix_data = None
+    if imatrix:
+        from qtool import importance
+        imatrix_data = importance.read(imatrix)
     opts = recipes.RecipeOptions(
-        pure=pure, leave_output_tensor=leave_output_tensor,
+        pure=pure, leave_output_tensor=leave_output_tensor, has_imatrix=imatrix_data is not None,
         output_tensor_type=recipes.parse_ggml_type(output_tensor_type) if output_tensor_type else None,
         token_embedding_type=recipes.parse_ggml_type(token_embedding_type) if token_embedding_type else None,
         tensor_types=tuple(recipes.parse_tensor_type(spec) for spec in tensor_type))
     plan = conv.plan(src, type_name, opts, allow_requantize=allow_requantize)
     try:
+        if imatrix_data is not None:
+            importance.apply(plan, imatrix_data, imatrix, include_weights, exclude_weights)
         out = output or _default_output(plan.model_name, plan.type_name)
         src_path = Path(src)
         if src_path.exists() and out.exists() and any(out.resolve() == p.resolve() for p in

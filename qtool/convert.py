@@ -46,6 +46,7 @@ class TensorJob:
     load: Callable[[], Stored]
     note: str = ""  # e.g. why a fallback type was chosen
     source_type: GGMLType | None = None  # the stored type, when the source is a GGUF file
+    quant_weights: np.ndarray | None = None  # importance per column (an imatrix entry), for the quantizer
 
 
 @dataclass
@@ -228,7 +229,8 @@ class Scratch:
         return buf[:nbytes]
 
 
-def encode(s: Stored, ggml_type: GGMLType, name: str, scratch: Scratch | None = None) -> np.ndarray:
+def encode(s: Stored, ggml_type: GGMLType, name: str, scratch: Scratch | None = None,
+           quant_weights: np.ndarray | None = None) -> np.ndarray:
     """Stored values → the bytes of ggml_type, checking every value is finite on the way. The result may live in
     `scratch` and is valid until the next call with it."""
     from qtool import kernels
@@ -242,7 +244,7 @@ def encode(s: Stored, ggml_type: GGMLType, name: str, scratch: Scratch | None = 
     else:
         n_rows = math.prod(shape[:-1])
         out = scratch.get("out", n_rows * kernels.row_bytes(ggml_type, shape[-1])).reshape(n_rows, -1)
-        quantize = partial(kernels.quantize, ggml_type)
+        quantize = partial(kernels.quantize, ggml_type, quant_weights=quant_weights)
         slab = scratch.get("slab", SLAB_BYTES).view(np.float32)
     data, finite = cast.encode_stored(s.values, s.dtype, ggml_type.name, s.rows, quantize, out, slab, SLAB_BYTES)
     if not finite:
@@ -278,7 +280,7 @@ def write(plan_: Plan, out: Path, on_tensor: Callable[[TensorJob, int], None] = 
                     release = partial(plan_.source.release, job.name)
                 else:
                     stored = job.load()
-                    data = encode(stored, job.ggml_type, job.name, scratch[i % 2])
+                    data = encode(stored, job.ggml_type, job.name, scratch[i % 2], job.quant_weights)
                     release = stored.release
                     del stored
                 if pending is not None:
