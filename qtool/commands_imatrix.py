@@ -32,10 +32,8 @@ def imatrix(
         raise UsageError(f"--chunks {chunks}: evaluate at least one chunk")
     if output.exists() and path.exists() and output.resolve() == path.resolve():
         raise QtoolError(f"{output}: refusing to overwrite the model")
-    try:
-        body = text.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise QtoolError(f"{text}: cannot read as UTF-8 text ({e})") from None
+    from qtool.commands_run import read_text
+    body = read_text(text)
 
     from qtool import imatrix as im
     from qtool.formats.imatrix import write_imatrix

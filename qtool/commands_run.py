@@ -201,10 +201,7 @@ def perplexity(
 
     if ctx < 1:
         raise UsageError(f"--ctx {ctx}: use an even context of at least 8 tokens")
-    try:
-        body = text.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise QtoolError(f"{text}: cannot read as UTF-8 text ({e})") from None
+    body = read_text(text)
     model = Model(path, n_ctx=ctx)
     ref = Model(reference, n_ctx=ctx) if reference else None
     try:
@@ -234,3 +231,11 @@ def perplexity(
               f"{d['kl_mean']:.6f} ± {d['kl_mean_error']:.6f}, p99 {d['kl_p99']:.6f}, max {d['kl_max']:.6f}; "
               f"same top-1 token {100 * d['top1_agreement']:.2f}%")
     print(f"{d['tokens_per_s']:.0f} tokens/s, peak RSS {d['peak_rss_bytes'] / 1e6:.0f} MB")
+
+
+def read_text(path: Path) -> str:
+    """A text file for perplexity or calibration, as UTF-8, or a one-line error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QtoolError(f"{path}: cannot read as UTF-8 text ({e})") from None

@@ -148,16 +148,9 @@ def chunks(tokens: list[int], n_ctx: int, bos_id: int | None, max_chunks: int | 
     if len(tokens) < 2 * n_ctx:
         raise QtoolError(f"the text has {len(tokens)} tokens; llama-imatrix needs at least {2 * n_ctx} "
                          f"(two chunks) for --ctx {n_ctx}: use a smaller --ctx or a longer text")
-    n = len(tokens) // n_ctx
-    if max_chunks is not None and max_chunks >= 0:
-        n = min(n, max_chunks)
-    out = []
-    for i in range(n):
-        c = np.array(tokens[i * n_ctx:(i + 1) * n_ctx], dtype=np.int64)
-        if bos_id is not None:
-            c[0] = bos_id
-        out.append(c)
-    return out
+    from qtool.perplexity import chunks as windows  # the same windows as llama-perplexity's
+    out = windows(tokens, n_ctx, bos_id)
+    return out[:max_chunks] if max_chunks is not None and max_chunks >= 0 else out
 
 
 def collect(model, text: str, n_ctx: int, dataset: str, max_chunks: int | None = None,
