@@ -28,6 +28,9 @@ from qtool.kernels.traits import TRAITS
 
 TYPES = kernels.quantizable_types()
 IDS = [t.name for t in TYPES]
+# (type, with importance weights): every type plain, and every type that takes weights with them
+CASES = [pytest.param(t, False, id=t.name) for t in TYPES] + \
+    [pytest.param(t, True, id=f"{t.name}-imatrix") for t in TYPES if TRAITS[t].weighted is not None]
 
 # relative RMSE ||x - deq(q(x))|| / ||x|| on standard-normal rows 16x512 (measured: Q8_0 0.0054 … Q3_K 0.151)
 RMSE_BOUND = {
@@ -115,14 +118,24 @@ def test_unknown_type_is_refused():
 
 # ---- llama.cpp's quantizer ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ggml_type", TYPES, ids=IDS)
+def assert_equals_llama_cpp(ggml_type, x, qw, what):
+    """qtool's bytes for rows x (with importance qw, or None) equal llama.cpp's."""
+    with np.errstate(all="ignore"):
+        ref = ggml_quantize(x, ggml_type, qw) if qw is not None else llama_quantize(x, ggml_type)
+    np.testing.assert_array_equal(kernels.quantize(ggml_type, x, quant_weights=qw), ref,
+                                  err_msg=f"{ggml_type.name} {what}{' imatrix' if qw is not None else ''}")
+
+
+@pytest.mark.parametrize("ggml_type,weighted", CASES)
 @pytest.mark.parametrize("dist", DISTS)
-def test_quantize_equals_llama_cpp_random(ggml_type, dist):
+def test_quantize_equals_llama_cpp_random(ggml_type, weighted, dist):
+    """Random rows of every distribution and scale; with weights, random positive importance vectors."""
     need_llama_cpp()
     for seed, scale in enumerate([1e-3, 1.0, 300.0]):
         x = random_rows(seed, scale, dist)
-        np.testing.assert_array_equal(kernels.quantize(ggml_type, x), llama_quantize(x, ggml_type),
-                                      err_msg=f"{ggml_type.name} {dist} scale {scale}")
+        for kind in (("uniform", "lognormal") if weighted else (None,)):
+            qw = importance(seed, x.shape[1], kind) if kind else None
+            assert_equals_llama_cpp(ggml_type, x, qw, f"{dist} scale {scale} {kind or ''}")
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=IDS)
@@ -148,15 +161,19 @@ def test_quantize_equals_llama_cpp_non_finite(ggml_type):
     assert_rows_equal(kernels.quantize(ggml_type, x), ref, f"{ggml_type.name} non-finite")
 
 
-@pytest.mark.parametrize("ggml_type", TYPES, ids=IDS)
-@pytest.mark.parametrize("shape", [(1, 256), (3, 256), (3, 768), (5, 768), (7, 1280), (5, 2304), (2, 4096)])
-def test_quantize_equals_llama_cpp_shapes(ggml_type, shape):
-    """Super-blocks are processed in chunks counted row after row: partial chunks, chunks spanning rows."""
+SHAPES = [(1, 256), (3, 256), (3, 768), (5, 768), (7, 1280), (5, 2304), (2, 4096)]
+
+
+@pytest.mark.parametrize("ggml_type,weighted", CASES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_equals_llama_cpp_shapes(ggml_type, weighted, shape):
+    """Super-blocks are processed in chunks counted row after row: partial chunks, chunks spanning rows; with
+    weights, each row's sigma2 is its own."""
     need_llama_cpp()
     for seed, scale in ((sum(shape), 2.0), (11, 1.0)):
         x = random_rows(seed, scale, "laplace", shape)
-        np.testing.assert_array_equal(kernels.quantize(ggml_type, x), llama_quantize(x, ggml_type),
-                                      err_msg=f"{ggml_type.name} {shape} seed {seed}")
+        qw = importance(seed, shape[1], "lognormal") if weighted else None
+        assert_equals_llama_cpp(ggml_type, x, qw, f"{shape} seed {seed}")
 
 
 # ---- layout, dequantize, error -----------------------------------------------------------------------------------
@@ -254,15 +271,6 @@ def test_imatrix_types():
     assert set(WEIGHTED) == {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0}
 
 
-@pytest.mark.parametrize("ggml_type", WEIGHTED, ids=WIDS)
-@pytest.mark.parametrize("dist", DISTS)
-def test_imatrix_equals_llama_cpp_random(ggml_type, dist):
-    """Random rows of every distribution and scale, random positive importance vectors."""
-    need_llama_cpp()
-    for seed, scale in enumerate([1e-3, 1.0, 300.0]):
-        x = random_rows(seed, scale, dist)
-        for kind in ("uniform", "lognormal"):
-            assert_weighted_equal(ggml_type, x, importance(seed, x.shape[1], kind), f"{dist} {scale} {kind}")
 
 
 def _shared_imatrix():
@@ -315,14 +323,6 @@ def test_imatrix_equals_llama_cpp_non_finite(ggml_type):
     assert_weighted_equal(ggml_type, x, importance(3, x.shape[1]), "non-finite")
 
 
-@pytest.mark.parametrize("ggml_type", WEIGHTED, ids=WIDS)
-@pytest.mark.parametrize("shape", [(1, 256), (3, 256), (3, 768), (5, 768), (7, 1280), (5, 2304), (2, 4096)])
-def test_imatrix_equals_llama_cpp_shapes(ggml_type, shape):
-    """Row lengths: one super-block, several, odd counts; each row's sigma2 is its own."""
-    need_llama_cpp()
-    for seed, scale in ((sum(shape), 2.0), (11, 1.0)):
-        x = random_rows(seed, scale, "laplace", shape)
-        assert_weighted_equal(ggml_type, x, importance(seed, shape[1], "lognormal"), f"{shape} seed {seed}")
 
 
 def test_imatrix_row_layout():
