@@ -76,6 +76,18 @@ def clamp_nearest(v: np.float32, nmax: int) -> int:
     return l
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def refit_scale_min(sum_w, sum_x, sum_l, sum_l2, sum_xl, D):
+    """make_qkx2_quants' (and make_qkx3_quants') weighted least-squares refit of one trial's codes, D > 0 being
+    its determinant: (this_scale, this_min), the min capped at 0 with the scale refitted alone, as in C."""
+    this_scale = np.float32(np.float32(np.float32(sum_w * sum_xl) - np.float32(sum_x * sum_l)) / D)
+    this_min = np.float32(np.float32(np.float32(sum_l2 * sum_x) - np.float32(sum_l * sum_xl)) / D)
+    if this_min > F0:
+        this_min = F0
+        this_scale = np.float32(sum_xl / sum_l2)
+    return this_scale, this_min
+
+
 @njit(cache=True, error_model="numpy")
 def make_qkx2_quants_ref(x, n, nmax, w, L, rmin, rdelta, nstep, use_mad):
     """Plain transcription of ggml's make_qkx2_quants on x[:n] with weights w[:n].
@@ -131,11 +143,7 @@ def make_qkx2_quants_ref(x, n, nmax, w, L, rmin, rdelta, nstep, use_mad):
             sum_xl = np.float32(sum_xl + np.float32(wl * x[i]))
         D = np.float32(np.float32(sum_w * sum_l2) - np.float32(sum_l * sum_l))
         if D > F0:
-            this_scale = np.float32(np.float32(np.float32(sum_w * sum_xl) - np.float32(sum_x * sum_l)) / D)
-            this_min = np.float32(np.float32(np.float32(sum_l2 * sum_x) - np.float32(sum_l * sum_xl)) / D)
-            if this_min > F0:
-                this_min = F0
-                this_scale = np.float32(sum_xl / sum_l2)
+            this_scale, this_min = refit_scale_min(sum_w, sum_x, sum_l, sum_l2, sum_xl, D)
             cur_error = F0
             for i in range(n):
                 diff = np.float32(np.float32(np.float32(this_scale * np.float32(laux[i])) + this_min) - x[i])

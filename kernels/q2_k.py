@@ -23,6 +23,24 @@ RMIN = np.float32(-0.5)
 RDELTA = np.float32(0.1)
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _requantize_pack(x, out, pos: int, L, d_all, dmin_all) -> None:
+    """The end of quantize_row_q2_K_ref and _impl, once the 4-bit scales and mins are in out[pos:pos+16]: each
+    weight of x[:256] requantized against them (a sub-block whose scale is 0 keeps the search's codes, as C
+    does), the codes L packed into out[pos+QS:]."""
+    for j in range(QK_K // 16):
+        s = np.int32(out[pos + SCALES + j])
+        d = np.float32(d_all * np.float32(s & 0xF))
+        if d == F0:
+            continue
+        dm = np.float32(dmin_all * np.float32(s >> 4))
+        requantize(x, L, 16 * j, 16, d, dm, 3)
+    for h in range(2):
+        for l in range(32):
+            b = 128 * h + l
+            out[pos + QS + 32 * h + l] = L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6)
+
+
 @njit(cache=True, error_model="numpy")
 def finish_superblock(x, out, pos: int, L, scales, mins) -> None:
     """The rest of quantize_row_q2_K_ref after the 16 sub-block searches (scales, mins, codes L): 4-bit scales
@@ -45,17 +63,7 @@ def finish_superblock(x, out, pos: int, L, scales, mins) -> None:
         dmin_all = store_fp16(out, pos + DMIN, np.float32(max_min / q4scale))
     else:
         dmin_all = store_fp16(out, pos + DMIN, F0)
-    for j in range(QK_K // 16):
-        s = out[pos + j]
-        d = np.float32(d_all * np.float32(s & 0xF))
-        if d == F0:
-            continue  # keeps make_qkx2_quants' codes, as C does
-        dm = np.float32(dmin_all * np.float32(s >> 4))
-        requantize(x, L, 16 * j, 16, d, dm, 3)
-    for h in range(2):
-        for l in range(32):
-            b = 128 * h + l
-            out[pos + QS + 32 * h + l] = L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6)
+    _requantize_pack(x, out, pos, L, d_all, dmin_all)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -116,17 +124,7 @@ def finish_superblock_weighted(x, out, pos: int, L, scales, mins, sw, ls, lm) ->
     mm = store_fp16(out, pos + DMIN, mm)
     for j in range(QK_K // 16):
         out[pos + SCALES + j] = (np.int32(ls[j]) | (np.int32(lm[j]) << 4)) & 0xFF
-    for j in range(QK_K // 16):
-        sc = np.int32(out[pos + SCALES + j])
-        d = np.float32(dm * np.float32(sc & 0xF))
-        if d == F0:
-            continue
-        m = np.float32(mm * np.float32(sc >> 4))
-        requantize(x, L, 16 * j, 16, d, m, 3)
-    for h in range(2):
-        for l in range(32):
-            b = 128 * h + l
-            out[pos + QS + 32 * h + l] = L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6)
+    _requantize_pack(x, out, pos, L, dm, mm)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

@@ -129,6 +129,20 @@ def _scale(row, o: int, j: int) -> int:
     return (lo | ((np.int64(row[sp + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4) - 32
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _requantize_pack(xb, row, o: int, L, dall) -> None:
+    """The end of quantize_row_q3_K_ref and _impl: each weight of xb[:256] requantized against its sub-block's
+    6-bit scale (a sub-block whose scale is 0 keeps the search's codes, as C does), then packed into row[o:].
+    L: uint8 (352,) scratch holding the codes."""
+    for j in range(NSUB):
+        d = np.float32(dall * np.float32(_scale(row, o, j)))
+        if d == F0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * j + i] / d)), -4, 3) + 4
+    _pack(row, o, L[:QK_K], L[QK_K:QK_K + SCALES])
+
+
 @njit(cache=True, error_model="numpy")
 def quantize_block_ref(xb, row, o: int, L) -> None:
     """quantize_row_q3_K_ref on one super-block xb[:256] → row[o:o+110], plainly transcribed (L: uint8 (352,)
@@ -137,13 +151,7 @@ def quantize_block_ref(xb, row, o: int, L) -> None:
     for j in range(NSUB):
         scales[j] = make_q3_quants(xb[16 * j:16 * j + 16], NMAX, L[16 * j:16 * j + 16])
     dall = _finish_scales(row, o, scales)
-    for j in range(NSUB):
-        d = np.float32(dall * np.float32(_scale(row, o, j)))
-        if d == F0:
-            continue
-        for i in range(16):
-            L[16 * j + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * j + i] / d)), -4, 3) + 4
-    _pack(row, o, L[:QK_K], L[QK_K:QK_K + SCALES])
+    _requantize_pack(xb, row, o, L, dall)
 
 
 # ---- fast path: the sub-blocks of GROUP super-blocks as lanes -------------------------------------------------
@@ -409,13 +417,7 @@ def quantize_block_weighted(xb, qwb, row, o: int, L, weight, sw, scales, ls, ts)
             row[sp + j - 8] |= (l & 0xF) << 4
         row[sp + 8 + j % 4] |= ((l >> 4) << (2 * (j // 4))) & 0xFF
     dall = store_fp16(row, o + D, d_block)
-    for j in range(NSUB):
-        d = np.float32(dall * np.float32(_scale(row, o, j)))
-        if d == F0:
-            continue
-        for i in range(16):
-            L[16 * j + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * j + i] / d)), -4, 3) + 4
-    _pack(row, o, L[:QK_K], L[QK_K:QK_K + SCALES])
+    _requantize_pack(xb, row, o, L, dall)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

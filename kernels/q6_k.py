@@ -32,7 +32,7 @@ from .common import load_fp16, store_fp16
 from .kquant_common import (MAGIC, NEAREST_INT_SAFE, QK_K, ggml_nearest_int,
                             gather_subblocks16, lane_weights16, largest_magnitude)
 from .traits import block, fields
-from .weighted import QX_SCRATCH, make_qx_quants_w
+from .weighted import QX_SCRATCH, make_qx_quants_w, make_qx_quants_w_ref
 
 BLOCK_BYTES = block(GGMLType.Q6_K)[1]
 QL, QH, SCALES, D = fields(GGMLType.Q6_K, "ql", "qh", "scales", "d")
@@ -58,41 +58,10 @@ def make_qx_quants(x, nmax: int, L) -> np.float32:
     (x ≈ scale*(L-nmax)).
     """
     n = x.shape[0]
-    amax, mx = largest_magnitude(x, n)
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F0
-    fnmax = np.float32(nmax)
-    iscale = np.float32(-fnmax / mx)
-    sumlx = F0
-    suml2 = F0
+    w = np.empty(n, dtype=np.float32)  # rmse_type 1 without quant_weights: weights x*x
     for i in range(n):
-        l = _clamp(ggml_nearest_int(np.float32(iscale * x[i])), -nmax, nmax - 1)
-        L[i] = l + nmax
-        w = np.float32(x[i] * x[i])
-        fl = np.float32(l)
-        sumlx = np.float32(sumlx + np.float32(np.float32(w * x[i]) * fl))
-        suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
-    scale = np.float32(sumlx / suml2) if suml2 != F0 else F0  # C: suml2 ? ... (NaN counts as true)
-    best = np.float32(scale * sumlx)
-    for is_ in range(-9, 10):
-        if is_ == 0:
-            continue
-        iscale = np.float32(-np.float32(fnmax + np.float32(TENTH * np.float32(is_))) / mx)
-        sumlx = F0
-        suml2 = F0
-        for i in range(n):
-            fl = np.float32(_clamp(ggml_nearest_int(np.float32(iscale * x[i])), -nmax, nmax - 1))
-            w = np.float32(x[i] * x[i])
-            sumlx = np.float32(sumlx + np.float32(np.float32(w * x[i]) * fl))
-            suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
-        if suml2 > F0 and np.float32(sumlx * sumlx) > np.float32(best * suml2):
-            for i in range(n):
-                L[i] = nmax + _clamp(ggml_nearest_int(np.float32(iscale * x[i])), -nmax, nmax - 1)
-            scale = np.float32(sumlx / suml2)
-            best = np.float32(scale * sumlx)
-    return scale
+        w[i] = np.float32(x[i] * x[i])
+    return make_qx_quants_w_ref(x, 0, n, nmax, L, 0, w, 0)
 
 
 @njit(cache=True, error_model="numpy")
@@ -130,6 +99,20 @@ def _finish_scales(row, o: int, scales):
     return d, False
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _requantize_pack(xb, row, o: int, L, dall) -> None:
+    """The end of quantize_row_q6_K_ref and _impl: each weight of xb[:256] requantized against its sub-block's
+    8-bit scale (a sub-block whose scale is 0 keeps the search's codes, as C does), then packed into row[o:].
+    L: uint8 (448,) scratch holding the codes."""
+    for j in range(NSUB):
+        d = np.float32(dall * np.float32(np.int8(row[o + SCALES + j])))
+        if d == F0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * j + i] / d)), -32, 31) + 32
+    _pack(row, o, L[:QK_K], L[QK_K:QK_K + SCALES])
+
+
 @njit(cache=True, error_model="numpy")
 def quantize_block_ref(xb, row, o: int, L) -> None:
     """quantize_row_q6_K_ref on one super-block xb[:256] → row[o:o+210], plainly transcribed (L: uint8 (448,)
@@ -140,13 +123,7 @@ def quantize_block_ref(xb, row, o: int, L) -> None:
     dall, zero = _finish_scales(row, o, scales)
     if zero:
         return
-    for j in range(NSUB):
-        d = np.float32(dall * np.float32(np.int8(row[o + SCALES + j])))
-        if d == F0:
-            continue
-        for i in range(16):
-            L[16 * j + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * j + i] / d)), -32, 31) + 32
-    _pack(row, o, L[:QK_K], L[QK_K:QK_K + SCALES])
+    _requantize_pack(xb, row, o, L, dall)
 
 
 # ---- fast path: the sub-blocks of GROUP super-blocks as lanes -------------------------------------------------
@@ -362,13 +339,7 @@ def quantize_block_weighted(xb, qwb, row, o: int, L, ts) -> None:
     dall, zero = _finish_scales(row, o, scales)
     if zero:
         return
-    for j in range(NSUB):
-        d = np.float32(dall * np.float32(np.int8(row[o + SCALES + j])))
-        if d == F0:
-            continue
-        for i in range(16):
-            L[16 * j + i] = _clamp(ggml_nearest_int(np.float32(xb[16 * j + i] / d)), -32, 31) + 32
-    _pack(row, o, L[:QK_K], L[QK_K:QK_K + SCALES])
+    _requantize_pack(xb, row, o, L, dall)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

@@ -22,7 +22,8 @@ import numpy as np
 from numba import njit
 
 from .kquant_common import (_BAD, _MN, _SCALE, CHUNK_BLOCKS, F0, F1, MAGIC, NEAREST_INT_SAFE, QK_K, QKX2_STATE,
-                            clamp_nearest, ggml_nearest_int, largest_magnitude, make_qkx2_quants_lanes)
+                            clamp_nearest, ggml_nearest_int, largest_magnitude, make_qkx2_quants_lanes,
+                            refit_scale_min)
 
 GROUP_MAX_EPS = np.float32(1e-15)
 INF = np.float32(np.inf)
@@ -38,6 +39,18 @@ NTRY = 19  # make_qx_quants' first scale, then is = -9..-1, 1..9
 QX_SCRATCH = 3 * NTRY
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _group_max(x, o: int, n: int, L, lo: int) -> np.float32:
+    """make_qx_quants' start: the signed value of largest magnitude in x[o:o+n], or 0 (its codes L[lo:lo+n]
+    zeroed) when that magnitude is below GROUP_MAX_EPS."""
+    amax, mx = largest_magnitude(x[o:o + n], n)
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[lo + i] = 0
+        return F0
+    return mx
+
+
 @njit(cache=True, error_model="numpy")
 def make_qx_quants_w(x, o: int, n: int, nmax: int, L, lo: int, qw, wo: int, ts) -> np.float32:
     """make_qx_quants(n, nmax, x+o, L+lo, rmse_type=1, qw+wo): codes nmax + clamp(l, -nmax, nmax-1) into
@@ -46,10 +59,8 @@ def make_qx_quants_w(x, o: int, n: int, nmax: int, L, lo: int, qw, wo: int, ts) 
     The 19 trial scales' sums do not depend on each other (only which one wins does), so they are accumulated
     side by side, one pass over the weights, each in C's order; the winner is then picked in C's order. Where
     some iscale*x falls outside nearest_int's exact range (or is NaN) make_qx_quants_w_ref redoes the group."""
-    amax, mx = largest_magnitude(x[o:o + n], n)
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[lo + i] = 0
+    mx = _group_max(x, o, n, L, lo)
+    if mx == F0:
         return F0
     fnmax = np.float32(nmax)
     ntry = ts.shape[0] // 3  # NTRY, opaque to LLVM (a known count would be unrolled into scalar code)
@@ -98,10 +109,8 @@ def make_qx_quants_w(x, o: int, n: int, nmax: int, L, lo: int, qw, wo: int, ts) 
 @njit(cache=True, error_model="numpy")
 def make_qx_quants_w_ref(x, o: int, n: int, nmax: int, L, lo: int, qw, wo: int) -> np.float32:
     """make_qx_quants(n, nmax, x+o, L+lo, rmse_type=1, qw+wo), plainly transcribed."""
-    amax, mx = largest_magnitude(x[o:o + n], n)
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[lo + i] = 0
+    mx = _group_max(x, o, n, L, lo)
+    if mx == F0:
         return F0
     fnmax = np.float32(nmax)
     iscale = np.float32(-fnmax / mx)
@@ -185,11 +194,7 @@ def make_qkx3_quants(x, o: int, n: int, nmax: int, w, wo: int, L, lo: int, Laux,
             sum_xl = np.float32(sum_xl + np.float32(wl * x[o + i]))
         D = np.float32(np.float32(sum_w * sum_l2) - np.float32(sum_l * sum_l))
         if D > F0:
-            this_scale = np.float32(np.float32(np.float32(sum_w * sum_xl) - np.float32(sum_x * sum_l)) / D)
-            this_min = np.float32(np.float32(np.float32(sum_l2 * sum_x) - np.float32(sum_l * sum_xl)) / D)
-            if this_min > F0:
-                this_min = F0
-                this_scale = np.float32(sum_xl / sum_l2)
+            this_scale, this_min = refit_scale_min(sum_w, sum_x, sum_l, sum_l2, sum_xl, D)
             mad = F0
             for i in range(n):
                 diff = np.float32(np.float32(np.float32(this_scale * np.float32(Laux[i])) + this_min) - x[o + i])
