@@ -32,6 +32,15 @@ def _quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             scales.astype(np.float16).reshape(*x.shape[:-1], x.shape[-1] // QK8_0))
 
 
+# bytes per cached value: the element, plus for Q8_0 its share of the fp16 scale of each 32
+VALUE_BYTES = {"f16": 2.0, "f32": 4.0, "q8_0": 1.0 + 2.0 / QK8_0}
+
+
+def bytes_per_position(n_layer: int, n_head_kv: int, head_dim: int, head_dim_v: int, kv_type: str) -> int:
+    """Bytes of K and V for one cached position over all layers."""
+    return int(n_layer * n_head_kv * (head_dim + head_dim_v) * VALUE_BYTES[kv_type])
+
+
 def check_kv_type(kv_type: str) -> None:
     if kv_type not in KV_TYPES:
         raise QtoolError(f"--kv-type {kv_type!r}: use one of {', '.join(KV_TYPES)}")
@@ -61,7 +70,7 @@ class KVCache:
             self.k = np.zeros((L, H, n_ctx, head_dim), dt)  # (layer, kv head, position, head_dim)
             self.v = np.zeros((L, H, n_ctx, head_dim_v), dt)  # (layer, kv head, position, head_dim_v)
             self.ks = self.vs = None
-        self.bytes_per_token = sum(a[:, :, 0].nbytes for a in (self.k, self.v, self.ks, self.vs) if a is not None)
+        self.bytes_per_token = bytes_per_position(n_layer, n_head_kv, head_dim, head_dim_v, kv_type)
         # what the decode kernel reads: its layout code and the arrays as it takes them (fp16 as uint16 bits)
         if kv_type == "q8_0":
             self._kernel = (ka.KV_Q8_0, self.k, self.ks.view(np.uint16), self.v, self.vs.view(np.uint16))

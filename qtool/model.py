@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qtool.archs import HParams, hparams_from_gguf
-from qtool.attention import KV_TYPES, KVCache, check_kv_type
+from qtool.attention import KV_TYPES, KVCache, bytes_per_position, check_kv_type
 from qtool.errors import QtoolError
 from qtool.formats.gguf_reader import GGUFFile
 from qtool.kernels import matmul as mm
@@ -41,9 +41,8 @@ KV_MEMORY_FRACTION = 0.5  # of the available memory at most, for the KV cache: w
 
 
 def kv_bytes_per_token(c: HParams, kv_type: str) -> int:
-    """Bytes of K and V per cached position over all layers (q8_0: a code byte per value, an f16 scale per 32)."""
-    per_value = {"f16": 2.0, "f32": 4.0, "q8_0": 1.0 + 2.0 / 32}.get(kv_type, 4.0)
-    return max(1, int(c.n_layer * c.n_head_kv * (c.head_dim + c.head_dim_v) * per_value))
+    """Bytes of K and V per cached position over all layers (the cache's own formula; at least 1)."""
+    return max(1, bytes_per_position(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, kv_type))
 
 
 def max_ctx_for_memory(c: HParams, kv_type: str) -> int:
