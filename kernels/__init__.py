@@ -24,7 +24,8 @@ _MODULES: dict[GGMLType, str] = {t: r.codec for t, r in TRAITS.items() if r.code
 # to a kernel's own file only, so an edit to one of these (a `git pull`, say) would leave every other kernel's
 # cache stale
 _SHARED_SOURCES = ("common.py", "legacy.py", "kquant_common.py", "traits.py",  # traits: field offsets
-                   "weighted.py")
+                   "weighted.py", "matvec.py",  # matvec: the block readers the codecs' decode kernels inline
+                   "iq_grids.py", "iq2.py")  # the IQ grids, frozen into kernels as constants; iq2: IQ1's search
 
 
 def _drop_stale_cache() -> None:
@@ -85,4 +86,29 @@ def dequantize(ggml_type: GGMLType, data: np.ndarray, n_cols: int) -> np.ndarray
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, row_bytes(ggml_type, n_cols))
     out = np.empty((data.shape[0], n_cols), dtype=np.float32)
     _traits(ggml_type).dequantize(data, out)
+    return out
+
+
+def _in_cache(kernel) -> bool:
+    """Whether numba's on-disk cache holds a compiled version of this kernel for its current source (through
+    numba's cache index; if numba's internals differ, assume it does, so that nothing is announced wrongly)."""
+    try:
+        return bool(kernel._cache._cache_file._load_index())
+    except Exception:
+        return True
+
+
+def uncompiled(types) -> list[GGMLType]:
+    """Of these weight types, those whose runner kernels (decode kernel and tile dequantizer) numba has not
+    compiled into its cache yet: their first use compiles them (seconds each), worth saying so once."""
+    out = []
+    for t in types:
+        row = TRAITS.get(t)
+        if row is None:
+            continue
+        names = [row.fused] if row.fused else []
+        names.append(row.tile or (f"{row.codec}.{row.kernels[1]}" if row.codec else None))
+        from .traits import _load
+        if not all(_in_cache(_load(n)) for n in names if n):
+            out.append(t)
     return out

@@ -231,9 +231,6 @@ def embedding_rows(ggml_type: GGMLType, data: np.ndarray, ids, n_cols: int) -> n
     return dequantize_rows(ggml_type, np.ascontiguousarray(data[ids]), n_cols)
 
 
-_FUSED = {t: r.fused for t, r in TRAITS.items() if r.fused is not None}  # names of matvec.py kernels
-
-
 def matvec(w: Weight, act: Act) -> np.ndarray:
     """Fused kernels: out (T, N)."""
     T = act.x.shape[0]

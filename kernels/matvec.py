@@ -141,7 +141,7 @@ def run(kernel, *args) -> None:
     if kernel.signatures:
         kernel(*args)
         return
-    with _compile_options(kernel in _BLOCK32):
+    with _compile_options(kernel in _block32()):
         kernel(*args)
 
 
@@ -470,4 +470,12 @@ def mv_q6_k(w, xq, xd, xb, out):
 
 
 # the 32-weight types' kernels, compiled with int16-sized vectors
-_BLOCK32 = tuple(globals()[r.fused] for r in TRAITS.values() if r.int16_vectors)
+_BLOCK32_KERNELS: list = []
+
+
+def _block32() -> list:
+    """The kernels compiled with int16-sized vectors (traits.py's int16_vectors), looked up at first use: a
+    type's kernel may live in its codec's module, which imports this one."""
+    if not _BLOCK32_KERNELS:
+        _BLOCK32_KERNELS.extend(r.fused_kernel() for r in TRAITS.values() if r.int16_vectors)
+    return _BLOCK32_KERNELS

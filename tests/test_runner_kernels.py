@@ -28,7 +28,8 @@ def test_fused_kernel_equals_dequantized_product(type_name):
     n_out, n_in = 37, bs * 11  # 11 blocks: padded to 16 lanes
     w_f = (rng.standard_normal((n_out, n_in)) * rng.uniform(0.2, 3.0, (n_out, 1))).astype(np.float32)
     x = rng.standard_normal((3, n_in)).astype(np.float32)
-    packed = kernels.quantize(t, w_f).reshape(n_out, -1)
+    qw = np.ones(n_in, np.float32) if TRAITS[t].needs_imatrix else None  # IQ2_XXS, IQ2_XS: llama.cpp's way
+    packed = kernels.quantize(t, w_f, quant_weights=qw).reshape(n_out, -1)
     w = mm.Weight("w", t, packed, n_out, n_in)
     assert w.planes.shape == (n_out, TYPE_INFO[t].type_size, mv.n_lanes(11))
     assert np.array_equal(w.stored_rows(5, 30), packed[5:30])
