@@ -144,7 +144,21 @@ class FileType(IntEnum):
     MOSTLY_Q5_K_S = 16
     MOSTLY_Q5_K_M = 17
     MOSTLY_Q6_K = 18
+    MOSTLY_IQ2_XXS = 19
+    MOSTLY_IQ2_XS = 20
+    MOSTLY_IQ3_XS = 22
+    MOSTLY_IQ3_XXS = 23
+    MOSTLY_IQ1_S = 24
+    MOSTLY_IQ4_NL = 25
+    MOSTLY_IQ3_S = 26
+    MOSTLY_IQ3_M = 27
+    MOSTLY_IQ2_S = 28
+    MOSTLY_IQ2_M = 29
+    MOSTLY_IQ4_XS = 30
+    MOSTLY_IQ1_M = 31
     MOSTLY_BF16 = 32
+    MOSTLY_TQ1_0 = 36
+    MOSTLY_TQ2_0 = 37
 
 
 # What the user types after --type → llama_ftype
@@ -155,6 +169,20 @@ FILE_TYPES: dict[str, FileType] = {
     "Q2_K": FileType.MOSTLY_Q2_K, "Q3_K_S": FileType.MOSTLY_Q3_K_S, "Q3_K_M": FileType.MOSTLY_Q3_K_M,
     "Q3_K_L": FileType.MOSTLY_Q3_K_L, "Q4_K_S": FileType.MOSTLY_Q4_K_S, "Q4_K_M": FileType.MOSTLY_Q4_K_M,
     "Q5_K_S": FileType.MOSTLY_Q5_K_S, "Q5_K_M": FileType.MOSTLY_Q5_K_M, "Q6_K": FileType.MOSTLY_Q6_K,
+    "IQ1_S": FileType.MOSTLY_IQ1_S, "IQ1_M": FileType.MOSTLY_IQ1_M,
+    "IQ2_XXS": FileType.MOSTLY_IQ2_XXS, "IQ2_XS": FileType.MOSTLY_IQ2_XS, "IQ2_S": FileType.MOSTLY_IQ2_S,
+    "IQ2_M": FileType.MOSTLY_IQ2_M,
+    "IQ3_XXS": FileType.MOSTLY_IQ3_XXS, "IQ3_XS": FileType.MOSTLY_IQ3_XS, "IQ3_S": FileType.MOSTLY_IQ3_S,
+    "IQ3_M": FileType.MOSTLY_IQ3_M,
+    "IQ4_NL": FileType.MOSTLY_IQ4_NL, "IQ4_XS": FileType.MOSTLY_IQ4_XS,
+    "TQ1_0": FileType.MOSTLY_TQ1_0, "TQ2_0": FileType.MOSTLY_TQ2_0,
+}
+
+
+# What the user types after --kv-type → the type K and V are cached in (llama.cpp's -ctk / -ctv choices)
+KV_CACHE_TYPES: dict[str, GGMLType] = {
+    "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1,
+    "q5_0": GGMLType.Q5_0, "q5_1": GGMLType.Q5_1, "f32": GGMLType.F32,
 }
 
 

@@ -108,16 +108,19 @@ def plan(src: str, type_name: str, opts: RecipeOptions = RecipeOptions(), allow_
 
 
 def _assign_types(jobs: list[TensorJob], key: str, facts: recipes.ModelFacts, opts: RecipeOptions) -> None:
-    """llama-quantize's per-tensor choice; types without a kernel yet are refused before anything is written."""
+    """llama-quantize's per-tensor choice. Refused before anything is written: a type whose codec has not
+    landed (a kernels.traits row without codec), and what llama-quantize refuses without an importance matrix."""
     from qtool import kernels
     # Q8_K is the runner's activation type, never a tensor type in files
     writable = (set(kernels.quantizable_types()) - {GGMLType.Q8_K}) | {GGMLType.F32, GGMLType.F16, GGMLType.BF16}
-    for job, tp in zip(jobs, recipes.plan_types(key, [(j.name, j.shape) for j in jobs], facts, opts)):
-        if not tp.quantizable:
-            continue  # keeps the type the job was planned with (F32 from checkpoints, the source type from GGUF)
-        if tp.ggml_type not in writable:
-            raise QtoolError(f"--type {key} needs {tp.ggml_type.name} for {tp.name}, which qtool cannot write yet")
-        job.ggml_type, job.note = tp.ggml_type, tp.note
+    plans = recipes.plan_types(key, [(j.name, j.shape) for j in jobs], facts, opts)
+    missing = next((tp.ggml_type for tp in plans if tp.quantizable and tp.ggml_type not in writable), None)
+    if missing is not None:
+        raise recipes.Refused(f"{key}: no quantizer for {missing.name} yet")
+    recipes.check_imatrix(key, plans, opts)
+    for job, tp in zip(jobs, plans):
+        if tp.quantizable:  # others keep their planned type (F32 from checkpoints, the source type from GGUF)
+            job.ggml_type, job.note = tp.ggml_type, tp.note
 
 
 def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:

@@ -45,12 +45,14 @@ def apply(plan, data: ImatrixData, file_arg: str, include: list[str] = (), exclu
             continue  # not quantized here: llama.cpp looks weights up only for tensors it quantizes
         w = weights.get(job.name)
         if w is None:
+            _refuse_unweighted(job, file_arg)
             missing.append(job.name)
             continue
         n_cols = job.shape[-1]
         n_mat = math.prod(job.shape[:-2]) if len(job.shape) > 2 else 1
         if w.size != n_cols * n_mat:
             if job.name.startswith("token_embd."):
+                _refuse_unweighted(job, file_arg)
                 continue
             raise QtoolError(f"{file_arg}: importance for {job.name} has {w.size} values, the tensor needs "
                              f"{n_cols * n_mat}")
@@ -69,6 +71,14 @@ def apply(plan, data: ImatrixData, file_arg: str, include: list[str] = (), exclu
     if data.chunk_count > 0:
         md.append((Q.IMATRIX_N_CHUNKS, int(data.chunk_count), ValueType.UINT32, None))
     plan.metadata.extend(md)
+
+
+def _refuse_unweighted(job, file_arg: str) -> None:
+    """llama.cpp stops when a tensor of a very-low-bit type gets no weights (or, for the types ggml asserts on,
+    aborts): so does qtool, before writing."""
+    from qtool.recipes import GGML_NEEDS_IMATRIX, requires_imatrix
+    if requires_imatrix(job.name, job.ggml_type) or job.ggml_type in GGML_NEEDS_IMATRIX:
+        raise QtoolError(f"{file_arg}: no importance for {job.name}, which {job.ggml_type.name} needs")
 
 
 def read(path: str) -> ImatrixData:

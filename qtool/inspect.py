@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from qtool.errors import QtoolError
 from qtool.formats.constants import FILE_TYPES, IMATRIX_GENERAL_TYPE, FileType, Keys, arch_key
 from qtool.formats.gguf_reader import GGUFFile
+from qtool.recipes import Refused
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 SUMMARY_KEYS = (Keys.General.ARCHITECTURE, Keys.General.NAME, Keys.General.FILE_TYPE, Keys.General.ALIGNMENT)
@@ -94,13 +94,17 @@ def checkpoint_report(src: str) -> dict:
     rows = []
     sizes = []
     base = None
+    from qtool.recipes import RecipeOptions
     for type_name in FILE_TYPES:
+        needs_imatrix = False
         try:
             p = convert.plan(src, type_name)
-        except QtoolError as e:  # a type whose kernel has not landed yet is left out, not fatal
-            if "cannot write yet" in str(e):
+        except Refused:  # needs an importance matrix (sized as with one), or has no quantizer yet (left out)
+            try:
+                p = convert.plan(src, type_name, RecipeOptions(has_imatrix=True))
+                needs_imatrix = True
+            except Refused:
                 continue
-            raise
         try:
             w = GGUFWriter("/dev/null")
             for key, value, vtype, elem in p.metadata:
@@ -114,7 +118,7 @@ def checkpoint_report(src: str) -> dict:
             nbytes = w.file_size
             fallbacks = sum(1 for j in p.jobs if j.note)
             sizes.append({"type": type_name, "file_bytes": nbytes, "bits_per_weight": 8 * nbytes / p.n_params,
-                          "fallbacks": fallbacks})
+                          "fallbacks": fallbacks, "needs_imatrix": needs_imatrix})
         finally:
             p.close()
     for r in rows:  # parameters only: bytes depend on the type

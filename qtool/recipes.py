@@ -6,10 +6,14 @@ run). For a whole file the decision has four steps, applied to each tensor in ll
 1. may it be quantized at all?  (`allows_quantization`: 1-D tensors, norms, routers ... keep the source F32)
 2. forced by an option?         (`--token-embedding-type`, `--output-tensor-type`, `--tensor-type REGEX=TYPE`)
 3. the ftype's mixture          (`_mixture`: output/embedding, attn_v, ffn_down, attn_output bumps), unless --pure
-4. does the row fit the block?  (`_fallback`: Q4_K→Q5_0, Q6_K→Q8_0 ..., then F16 "unusual shape")
+4. does the row fit the block?  (`_fallback`: Q4_K→Q5_0, Q6_K→Q8_0, IQ2_XXS→IQ4_NL ..., then F16 "unusual shape")
 
 Steps 2-4 only run when the ftype's default type is a quantized one: for F32/F16/BF16 every quantizable tensor
 simply becomes that type (token_embd and output included) and `--tensor-type` is ignored, as in llama.cpp.
+
+After planning, `check_imatrix` refuses what llama.cpp refuses: without an importance matrix, any layer tensor
+planned as one of the lowest-bit IQ types (NEEDS_IMATRIX). The rule is per tensor, on the planned type, so an
+IQ2_XXS file of a model whose rows all fall back to IQ4_NL needs none.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Any
 
 from qtool.errors import QtoolError, UsageError
 from qtool.formats.constants import FILE_TYPES, FLOAT_TYPES, TYPE_INFO, FileType, GGMLType, Keys, arch_key
+from qtool.kernels.traits import TRAITS
 
 F = FileType  # short names keep the rule tables readable
 T = GGMLType
@@ -39,6 +44,12 @@ DEFAULT_TYPE: dict[FileType, GGMLType] = {
     F.MOSTLY_Q4_K_S: T.Q4_K, F.MOSTLY_Q4_K_M: T.Q4_K,
     F.MOSTLY_Q5_K_S: T.Q5_K, F.MOSTLY_Q5_K_M: T.Q5_K,
     F.MOSTLY_Q6_K: T.Q6_K,
+    F.MOSTLY_IQ1_S: T.IQ1_S, F.MOSTLY_IQ1_M: T.IQ1_M,
+    F.MOSTLY_IQ2_XXS: T.IQ2_XXS, F.MOSTLY_IQ2_XS: T.IQ2_XS,
+    F.MOSTLY_IQ2_S: T.IQ2_XS, F.MOSTLY_IQ2_M: T.IQ2_S,  # IQ2_S the file type starts from IQ2_XS, IQ2_M from IQ2_S
+    F.MOSTLY_IQ3_XXS: T.IQ3_XXS, F.MOSTLY_IQ3_XS: T.IQ3_S, F.MOSTLY_IQ3_S: T.IQ3_S, F.MOSTLY_IQ3_M: T.IQ3_S,
+    F.MOSTLY_IQ4_NL: T.IQ4_NL, F.MOSTLY_IQ4_XS: T.IQ4_XS,
+    F.MOSTLY_TQ1_0: T.TQ1_0, F.MOSTLY_TQ2_0: T.TQ2_0,
 }
 
 
@@ -77,7 +88,9 @@ class RecipeOptions:
     token_embedding_type: GGMLType | None = None  # --token-embedding-type (likewise)
     tensor_types: tuple[tuple[str, GGMLType], ...] = ()  # --tensor-type REGEX=TYPE; first re.search match wins
     leave_output_tensor: bool = False  # --leave-output-tensor: output.weight keeps the source type
-    has_imatrix: bool = False  # an importance matrix is used (only changes Q4_0/Q5_0 ffn_down in early layers)
+    # an importance matrix is used: changes Q4_0/Q5_0/IQ4_NL/IQ4_XS ffn_down in early layers and IQ3_XXS attn_v
+    # and ffn_down, and lifts check_imatrix's refusal
+    has_imatrix: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,10 +244,13 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 @dataclass
 class _Counters:
-    """Running state: llama.cpp counts attn_v-like and ffn_down tensors as it walks them in llama_order."""
+    """Running state: llama.cpp counts attn_v-like and ffn tensors as it walks them in llama_order (only tensors
+    that reach the mixture: a --tensor-type match or --pure skips the count)."""
     n_attention_wv: int = 0  # how many attn_v-like tensors the model has
     i_attention_wv: int = 0
     i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
 
 
 @dataclass(frozen=True)
@@ -251,19 +267,72 @@ class _Ctx:
         return self.facts.arch == "falcon"
 
 
+# ftype groups the mixture treats alike
+# The 1- and 2-bit IQ mixes: their layer tensors follow _low_iq_rule instead of the per-category rules below.
+LOW_IQ = frozenset({F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M, F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ2_S,
+                    F.MOSTLY_IQ2_M})
+# Where the other low-IQ mixes spend Q2_K, these two spend IQ3_S.
+IQ2_S_M = frozenset({F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M})
+# output.weight (and a tied token_embd) gets Q5_K rather than Q6_K for the lowest-bit mixes.
+OUTPUT_Q5_K = LOW_IQ | {F.MOSTLY_IQ3_XXS}
+# An untied token_embd is only looked up by row, never multiplied, so most ftypes leave it at the default type;
+# these mixes would make it too coarse and give it a fixed type instead.
+TOKEN_EMBD_TYPE: dict[FileType, GGMLType] = {
+    F.MOSTLY_IQ1_S: T.Q2_K, F.MOSTLY_IQ1_M: T.Q2_K, F.MOSTLY_IQ2_XXS: T.Q2_K, F.MOSTLY_IQ2_XS: T.Q2_K,
+    F.MOSTLY_IQ2_S: T.IQ3_S, F.MOSTLY_IQ2_M: T.IQ3_S, F.MOSTLY_IQ3_XXS: T.IQ3_S,
+    F.MOSTLY_TQ1_0: T.Q4_K, F.MOSTLY_TQ2_0: T.Q4_K,
+}
+
+
 def _output_rule(t: GGMLType, c: _Ctx) -> GGMLType:
-    """output.weight, and token_embd.weight when tied: Q6_K, but Q8_0 when the row does not fit the default block."""
+    """output.weight, and token_embd.weight when tied: Q6_K (Q5_K for the lowest IQ mixes), but Q8_0 when the
+    row does not fit the default type's block."""
     if c.opts.output_tensor_type is not None:
         return c.opts.output_tensor_type
     if c.falcon or c.ncols % TYPE_INFO[t].block_size:
         return T.Q8_0
+    if c.ftype in OUTPUT_Q5_K:
+        return T.Q5_K
     return t if t == T.Q8_0 else T.Q6_K
 
 
+# attn_output of dense models in the LOW_IQ mixes (IQ2_XXS and IQ2_XS keep their own type)
+_ATTN_OUTPUT_LOW_IQ = {F.MOSTLY_IQ1_S: T.IQ2_XXS, F.MOSTLY_IQ1_M: T.IQ2_XXS,
+                       F.MOSTLY_IQ2_S: T.IQ3_S, F.MOSTLY_IQ2_M: T.IQ3_S}
+
+
+def _low_iq_rule(t: GGMLType, cat: Cat, c: _Ctx, n: _Counters) -> GGMLType:
+    """Layer tensors of the LOW_IQ mixes: a few sensitive tensors get a 2-4 bit K- or IQ3 type."""
+    bump = T.IQ3_S if c.ftype in IQ2_S_M else T.Q2_K
+    if cat in ATTN_V_LIKE:
+        n.i_attention_wv += 1
+        return T.Q4_K if c.facts.n_gqa >= 4 or c.facts.n_expert >= 4 else bump
+    if cat == Cat.ATTN_K and c.facts.n_expert == 8:
+        return T.Q4_K
+    if cat == Cat.FFN_DOWN:  # by count of ffn_down tensors seen, even for MoE (unlike the general rule)
+        i = n.i_ffn_down
+        n.i_ffn_down += 1
+        return bump if i < c.facts.n_layer // 8 else t
+    if cat == Cat.ATTN_OUTPUT:
+        if c.facts.n_expert == 8:
+            return T.Q5_K
+        return _ATTN_OUTPUT_LOW_IQ.get(c.ftype, t)
+    return t
+
+
+
 def _attn_v_rule(t: GGMLType, c: _Ctx, n: _Counters) -> GGMLType:
-    i, f = n.i_attention_wv, c.ftype
+    i, f, gqa4 = n.i_attention_wv, c.ftype, c.facts.n_gqa >= 4
     if f == F.MOSTLY_Q2_K:
-        t = T.Q4_K if c.facts.n_gqa >= 4 else T.Q3_K
+        t = T.Q4_K if gqa4 else T.Q3_K
+    elif f == F.MOSTLY_IQ3_XXS:  # its grid quantizer is only good enough for attn_v with an importance matrix
+        t = T.Q4_K if gqa4 else T.IQ3_XXS if c.opts.has_imatrix else T.IQ3_S
+    elif f in (F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S) and gqa4:
+        t = T.Q4_K
+    elif f == F.MOSTLY_IQ3_M:
+        t = T.Q4_K
+    elif f in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and gqa4:
+        t = T.Q5_K
     elif f == F.MOSTLY_Q3_K_M:
         t = T.Q5_K if i < 2 else T.Q4_K
     elif f == F.MOSTLY_Q3_K_L:
@@ -280,15 +349,28 @@ def _attn_v_rule(t: GGMLType, c: _Ctx, n: _Counters) -> GGMLType:
     return t
 
 
+def _layer(c: _Ctx, count: int) -> int:
+    """The layer of an ffn tensor: the running count of its kind, but for MoE, whose experts are not stored in
+    layer order, the number in its name."""
+    if c.facts.n_expert <= 1:
+        return count
+    i = layer_of(c.name)
+    if i is None or not 0 <= i < c.facts.n_layer:
+        raise QtoolError(f"cannot tell which of the {c.facts.n_layer} layers tensor {c.name} belongs to")
+    return i
+
+
 def _ffn_down_rule(t: GGMLType, c: _Ctx, n: _Counters) -> GGMLType:
-    i, n_layer, f = n.i_ffn_down, c.facts.n_layer, c.ftype
-    if c.facts.n_expert > 1:  # MoE: experts are not in layer order, so read the layer from the name
-        i = layer_of(c.name)
-        if i is None or not 0 <= i < n_layer:
-            raise QtoolError(f"cannot tell which of the {n_layer} layers tensor {c.name} belongs to")
+    i, n_layer, f = _layer(c, n.i_ffn_down), c.facts.n_layer, c.ftype
     more = use_more_bits(i, n_layer)
     if f == F.MOSTLY_Q2_K:
         t = T.Q3_K
+    elif f == F.MOSTLY_IQ3_XXS and not c.opts.has_imatrix:
+        t = T.Q4_K if i < n_layer // 8 else T.Q3_K
+    elif f == F.MOSTLY_IQ3_M and (i < n_layer // 8 or (c.facts.n_expert == 8 and more)):
+        t = T.Q4_K
+    elif f in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and not c.opts.has_imatrix and i < n_layer // 8:
+        t = T.Q5_K
     elif f == F.MOSTLY_Q3_K_M:
         t = T.Q5_K if i < n_layer // 16 else T.Q4_K if (not c.falcon or more) else T.Q3_K
     elif f == F.MOSTLY_Q3_K_L:
@@ -308,9 +390,29 @@ def _ffn_down_rule(t: GGMLType, c: _Ctx, n: _Counters) -> GGMLType:
     return t
 
 
+def _ffn_gate_up_rule(t: GGMLType, c: _Ctx, n: _Counters, cat: Cat) -> GGMLType:
+    """IQ3_XS drops the middle three quarters of the layers' ffn_gate and ffn_up to IQ3_XXS; others keep t."""
+    if cat == Cat.FFN_GATE:
+        i = _layer(c, n.i_ffn_gate)
+        n.i_ffn_gate += 1
+    else:
+        i = _layer(c, n.i_ffn_up)
+        n.i_ffn_up += 1
+    n_layer = c.facts.n_layer
+    if c.ftype == F.MOSTLY_IQ3_XS and n_layer // 8 <= i < 7 * n_layer // 8:
+        return T.IQ3_XXS
+    return t
+
+
+# attn_q and attn_k of the 3-bit grid mixes go one step lower (attn_k of 8-expert MoE is Q8_0 first)
+_ATTN_QK = {F.MOSTLY_IQ3_XS: T.IQ3_XXS, F.MOSTLY_IQ3_XXS: T.IQ2_S}
+
 # attn_output for dense models (8-expert MoE and Falcon have their own lines in _attn_output_rule)
-_ATTN_OUTPUT_DENSE = {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_Q3_K_M: T.Q4_K, F.MOSTLY_Q3_K_L: T.Q5_K}
-_ATTN_OUTPUT_MOE8_Q5K = (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M)
+_ATTN_OUTPUT_DENSE = {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_Q3_K_M: T.Q4_K, F.MOSTLY_Q3_K_L: T.Q5_K,
+                      F.MOSTLY_IQ3_XXS: T.IQ3_S, F.MOSTLY_IQ3_M: T.Q4_K}
+_ATTN_OUTPUT_MOE8_Q5K = (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M,
+                         F.MOSTLY_IQ3_XXS, F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M,
+                         F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS)
 
 
 def _attn_output_rule(t: GGMLType, c: _Ctx) -> GGMLType:
@@ -324,17 +426,23 @@ def _attn_output_rule(t: GGMLType, c: _Ctx) -> GGMLType:
 def _mixture(t: GGMLType, cat: Cat, c: _Ctx, n: _Counters) -> GGMLType:
     if cat == Cat.OUTPUT or (cat == Cat.TOKEN_EMBD and c.tied):
         return _output_rule(t, c)
-    if cat == Cat.TOKEN_EMBD:  # untied embeddings keep the default for every non-IQ ftype
-        return t
+    if cat == Cat.TOKEN_EMBD:
+        return TOKEN_EMBD_TYPE.get(c.ftype, t)
+    if c.ftype in LOW_IQ:
+        return _low_iq_rule(t, cat, c, n)
     if cat in ATTN_V_LIKE:
         return _attn_v_rule(t, c, n)
-    if cat == Cat.ATTN_K and c.facts.n_expert == 8:
-        return T.Q8_0
+    if cat == Cat.ATTN_K:
+        return T.Q8_0 if c.facts.n_expert == 8 else _ATTN_QK.get(c.ftype, t)
+    if cat == Cat.ATTN_Q:
+        return _ATTN_QK.get(c.ftype, t)
     if cat == Cat.FFN_DOWN:
         return _ffn_down_rule(t, c, n)
     if cat == Cat.ATTN_OUTPUT:
         return _attn_output_rule(t, c)
-    return t  # attn_q, ffn_gate, ffn_up and the rest: only IQ ftypes change them
+    if cat in (Cat.FFN_GATE, Cat.FFN_UP):
+        return _ffn_gate_up_rule(t, c, n, cat)
+    return t
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,3 +554,43 @@ def plan_types(ftype_name: str, tensors: list[tuple[str, tuple[int, ...]]], fact
         planned[name] = TensorPlan(name, shape, chosen, quantizable=True,
                                    wanted=wanted if chosen != wanted else None)
     return [planned[name] for name, _ in tensors]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the importance-matrix requirement (tensor_requires_imatrix)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Without importance weights llama.cpp calls these types' results garbage and refuses to write them.
+NEEDS_IMATRIX = frozenset({T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS})
+# Exempt by name whatever their type: an imatrix has no (or no useful) entry for the embedding table, which
+# is looked up rather than multiplied, and llama.cpp treats output.weight the same way.
+IMATRIX_EXEMPT = ("token_embd.weight", "per_layer_token_embd.weight", "output.weight")
+
+
+class Refused(QtoolError):
+    """qtool will not write this --type for this model (a planned type has no quantizer yet, or it needs an
+    importance matrix); `qtool inspect` leaves such types out of its size table."""
+
+
+# ggml's own quantizers for these assert that weights were given: llama.cpp aborts on an exempt tensor forced to
+# one of them (--token-embedding-type IQ2_XXS) without an imatrix. qtool refuses that too, with a message.
+# (the kernels' table says which: ggml_quantize_requires_imatrix)
+GGML_NEEDS_IMATRIX = frozenset(t for t, row in TRAITS.items() if row.needs_imatrix)
+
+
+def requires_imatrix(name: str, ggml_type: GGMLType) -> bool:
+    """llama.cpp's rule: would it refuse to quantize this tensor to this type without an importance matrix?"""
+    return ggml_type in NEEDS_IMATRIX and name not in IMATRIX_EXEMPT
+
+
+def check_imatrix(ftype_name: str, plans: list[TensorPlan], opts: RecipeOptions) -> None:
+    """Refuse, as llama-quantize does, a plan that puts a NEEDS_IMATRIX type on a layer tensor when no
+    importance matrix is given (forced --tensor-type types included)."""
+    if opts.has_imatrix:
+        return
+    by_name = {p.name: p for p in plans}
+    for name in llama_order(list(by_name)):  # the first offender in llama.cpp's order, as it reports it
+        p = by_name[name]
+        if p.quantizable and (requires_imatrix(p.name, p.ggml_type) or p.ggml_type in GGML_NEEDS_IMATRIX):
+            raise Refused(f"{ftype_name.upper()}: {p.name} would be {p.ggml_type.name}, which needs an importance "
+                          "matrix (--imatrix)")

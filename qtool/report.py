@@ -78,8 +78,11 @@ def print_checkpoint(r: dict) -> None:
     for c in ("type", "file size", "bits/weight", "fallback tensors"):
         t.add_column(c, justify="left" if c == "type" else "right")
     for s in r["sizes"]:
-        t.add_row(s["type"], _mb(s["file_bytes"]), f"{s['bits_per_weight']:.2f}", str(s["fallbacks"]))
+        t.add_row(s["type"] + (" *" if s["needs_imatrix"] else ""), _mb(s["file_bytes"]),
+                  f"{s['bits_per_weight']:.2f}", str(s["fallbacks"]))
     con.print(t)
+    if any(s["needs_imatrix"] for s in r["sizes"]):
+        con.print("* needs an importance matrix (--imatrix or --calibrate), as llama-quantize does")
 
 
 def print_imatrix(r: dict) -> None:

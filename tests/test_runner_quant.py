@@ -82,6 +82,9 @@ def test_perplexity_and_kl_divergence_equal_llama_perplexity(model, type_name, k
 
 
 PURE_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"]
+# the non-uniform, lattice and ternary types, quantized with llama-imatrix's own importance matrix of stories3M
+# (the 1- and 2-bit ones refuse to quantize without one, as llama.cpp does)
+IQ_TYPES = ["IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"]
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +94,16 @@ def pure_file(tmp_path_factory, stories3m):
 
     def get(type_name: str):
         out = folder / f"stories3M.pure.{type_name}.gguf"
+        extra = []
+        if type_name in IQ_TYPES:
+            imatrix = SHARED / "reference" / "stories3M.imatrix.gguf"
+            if not imatrix.is_file():
+                pytest.skip(f"{imatrix} is not here")
+            # llama-imatrix has no entry for the embedding and output matrices, which the lowest-bit types
+            # cannot be quantized without (llama.cpp refuses as well): those two stay Q8_0
+            extra = ["--imatrix", imatrix, "--output-tensor-type", "q8_0", "--token-embedding-type", "q8_0"]
         if not out.exists():
-            qtool("convert", stories3m, "-o", out, "--type", type_name, "--pure", "--quiet", check=True)
+            qtool("convert", stories3m, "-o", out, "--type", type_name, "--pure", "--quiet", *extra, check=True)
         return out
     return get
 
@@ -107,14 +118,20 @@ def llama_logits(path, tokens: list[int]) -> np.ndarray:
         llm.close()
 
 
-@pytest.mark.parametrize("type_name", PURE_TYPES)
+@pytest.mark.parametrize("type_name", PURE_TYPES + IQ_TYPES)
 def test_logits_equal_llama_cpp_for_every_type(type_name, pure_file, eval_text):
     """Bound: relative L2 error of the logits over 200 tokens below 1e-3 for F16 and 1e-2 otherwise. Both sides
     round activations to the weight type's dot-product type (F16, BF16, Q8_0, Q8_1 or Q8_K) and multiply exact
     integer codes, so only float summation order differs — but through 8-bit activations that order can flip a
     code, which is why llama.cpp's own logits for one file, evaluated as one batch or token by token, differ by
     up to 3.4e-3 here. A wrong block layout or scale gives errors of the size of the quantization itself
-    (3e-2 and more for the 2–4 bit types against F32)."""
+    (3e-2 and more for the 2–4 bit types against F32). The first position attends to itself alone, so its
+    logits are the products' alone: within 5e-3 for every type (measured 0 for TQ2_0 and Q2_K; 2.7e-3 for Q4_1
+    and Q5_1, whose prompt path multiplies the dequantized Q8_1 activations, not llama.cpp's fp16 sums of their
+    codes). The ternary
+    types get 2e-2: stories3M made ternary is a broken model (perplexity 24 against 6.4) that amplifies the
+    attention's rounding, where llama.cpp's flash attention sums V in fp16 (measured 7.5e-3 over 200 tokens,
+    1.0e-2 over the first 12, position 0 exact)."""
     path = pure_file(type_name)
     m = Model(path, n_ctx=256)
     try:
@@ -125,7 +142,8 @@ def test_logits_equal_llama_cpp_for_every_type(type_name, pure_file, eval_text):
     finally:
         m.close()
     ref = llama_logits(path, tokens)
-    bound = 1e-3 if type_name == "F16" else 1e-2
+    bound = 1e-3 if type_name == "F16" else 2e-2 if type_name.startswith("TQ") else 1e-2
+    assert np.linalg.norm(ours[0] - ref[0]) / np.linalg.norm(ref[0]) < 5e-3
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < bound
     assert np.linalg.norm(decoded - ref[:12]) / np.linalg.norm(ref[:12]) < bound
     assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= 0.97
