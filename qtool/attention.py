@@ -1,27 +1,36 @@
-"""The KV cache and causal attention over it, for both paths and every cache type (F16, Q8_0, F32).
+"""The KV cache and causal attention over it, for every cache type llama.cpp offers (-ctk/-ctv): F16, F32,
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
 
-As llama.cpp: K and V are stored in the cache's type (F16 by default); queries meet K in K's type, rounded to
-F16 or quantized to Q8_0 as ggml's vec_dot does, so the scores are the integer (or F16) dots llama.cpp computes.
-- prompt (many tokens): the cache is converted to float32 and numpy's matmul computes scores and outputs;
-- decode (a few tokens): kernels/attention.py reads K and V as stored, since converting the whole cache per token
-  and layer cost more than the attention itself.
+As llama.cpp: K and V are stored in the cache's type (F16 by default; the quantized types with the codec that
+writes them into files, llama.cpp's from_float); queries meet K in K's dot-product type (rounded to F16, or
+quantized to Q8_0 / Q8_1 as ggml's vec_dot converts its second operand), so the scores are the integer (or F16)
+dots llama.cpp computes, and V is read as float32, as its flash attention does for a quantized V.
+- prompt (many tokens), and decode over Q4/Q5 caches: flash attention, in tiles of keys with an online softmax
+  (llama.cpp's ggml_flash_attn_ext; Rabe & Staats): each tile of K and V is converted to float32 and numpy's
+  matmul computes its scores and outputs, so memory stays O(query tile x key tile) however long the prompt;
+- decode (a few tokens) over F16, F32 and Q8_0 caches: kernels/attention.py reads K and V as stored, since
+  converting the cache per token and layer cost more than the attention itself.
 Heads are grouped (GQA): query head h reads KV head h // (n_head / n_head_kv); scale 1/sqrt(head_dim).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from qtool import kernels
 from qtool.errors import QtoolError
+from qtool.formats.constants import KV_CACHE_TYPES, TYPE_INFO, GGMLType
 from qtool.kernels import attention as ka
 from qtool.kernels import matmul as mm
 
-KV_TYPES = ("f16", "q8_0", "f32")
+KV_TYPES = tuple(KV_CACHE_TYPES)
 QK8_0 = 32  # values per Q8_0 block (one fp16 scale each)
+# flash attention's tiles: queries and keys per step; scores take n_head * Q_TILE * KV_TILE float32s
+Q_TILE, KV_TILE = 256, 512
 
 
 def _quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q8_0 along the last axis, as ggml's quantize_row_q8_0 (AVX rounding: 127/amax, half to even): int8 codes
-    and fp16 scales per 32."""
+    and fp16 scales per 32 (the layout the decode kernel reads)."""
     rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     codes = np.empty(rows.shape, np.float32)
     scales = np.empty((rows.shape[0], rows.shape[1] // QK8_0), np.float32)
@@ -32,13 +41,15 @@ def _quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             scales.astype(np.float16).reshape(*x.shape[:-1], x.shape[-1] // QK8_0))
 
 
-# bytes per cached value: the element, plus for Q8_0 its share of the fp16 scale of each 32
-VALUE_BYTES = {"f16": 2.0, "f32": 4.0, "q8_0": 1.0 + 2.0 / QK8_0}
+def _value_bytes(kv_type: str) -> float:
+    """Bytes per cached value: a block's bytes over its values (Q8_0: 1 + 2/32)."""
+    info = TYPE_INFO[KV_CACHE_TYPES[kv_type]]
+    return info.type_size / info.block_size
 
 
 def bytes_per_position(n_layer: int, n_head_kv: int, head_dim: int, head_dim_v: int, kv_type: str) -> int:
     """Bytes of K and V for one cached position over all layers."""
-    return int(n_layer * n_head_kv * (head_dim + head_dim_v) * VALUE_BYTES[kv_type])
+    return int(n_layer * n_head_kv * (head_dim + head_dim_v) * _value_bytes(kv_type))
 
 
 def check_kv_type(kv_type: str) -> None:
@@ -53,32 +64,29 @@ class KVCache:
                  kv_type: str = "f16"):
         check_kv_type(kv_type)
         self.kv_type = kv_type
+        self.ggml_type = t = KV_CACHE_TYPES[kv_type]
         self.n_ctx = n_ctx
         self.head_dim, self.head_dim_v = head_dim, head_dim_v
         L, H = n_layer, n_head_kv
         # np.zeros memory is committed only as positions are written
-        if kv_type == "q8_0":
+        if t in ka.BLOCK_KINDS:
+            bs = TYPE_INFO[t].block_size
             for d in (head_dim, head_dim_v):
-                if d % QK8_0:
-                    raise QtoolError(f"a q8_0 KV cache needs head sizes that are multiples of 32 (this model: {d})")
-            self.k = np.zeros((L, H, n_ctx, head_dim), np.int8)  # (layer, kv head, position, head_dim) codes
-            self.v = np.zeros((L, H, n_ctx, head_dim_v), np.int8)
-            self.ks = np.zeros((L, H, n_ctx, head_dim // QK8_0), np.float16)  # one scale per 32 codes
-            self.vs = np.zeros((L, H, n_ctx, head_dim_v // QK8_0), np.float16)
+                if d % bs:
+                    raise QtoolError(f"a {kv_type} KV cache needs head sizes that are multiples of {bs} "
+                                     f"(this model: {d})")
+            # (layer, kv head, position, bytes of a row of head_dim values in blocks), as ggml stores them
+            self.k = np.zeros((L, H, n_ctx, kernels.row_bytes(t, head_dim)), np.uint8)
+            self.v = np.zeros((L, H, n_ctx, kernels.row_bytes(t, head_dim_v)), np.uint8)
+            self._kind = ka.BLOCK_KINDS[t]
         else:
-            dt = np.float16 if kv_type == "f16" else np.float32
+            dt = np.float16 if t == GGMLType.F16 else np.float32
             self.k = np.zeros((L, H, n_ctx, head_dim), dt)  # (layer, kv head, position, head_dim)
             self.v = np.zeros((L, H, n_ctx, head_dim_v), dt)  # (layer, kv head, position, head_dim_v)
-            self.ks = self.vs = None
+            self._kind = ka.KV_F16 if t == GGMLType.F16 else ka.KV_F32
+        # the queries' conversion to K's dot-product type (ggml's vec_dot_type of K)
+        self._q_kind = mm.VEC_DOT_TYPE[t]
         self.bytes_per_token = bytes_per_position(n_layer, n_head_kv, head_dim, head_dim_v, kv_type)
-        # what the decode kernel reads: its layout code and the arrays as it takes them (fp16 as uint16 bits)
-        if kv_type == "q8_0":
-            self._kernel = (ka.KV_Q8_0, self.k, self.ks.view(np.uint16), self.v, self.vs.view(np.uint16))
-        elif kv_type == "f16":
-            k, v = self.k.view(np.uint16), self.v.view(np.uint16)
-            self._kernel = (ka.KV_F16, k, k, v, v)
-        else:
-            self._kernel = (ka.KV_F32, self.k, self.k, self.v, self.v)
 
     def nbytes(self, n_tokens: int) -> int:
         return self.bytes_per_token * n_tokens
@@ -86,26 +94,23 @@ class KVCache:
     def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
         """k (T, Hkv, head_dim), v (T, Hkv, head_dim_v) float32 written at positions pos0..pos0+T-1."""
         T = k.shape[0]
-        if self.kv_type == "q8_0":
-            for src, codes, scales in ((k, self.k, self.ks), (v, self.v, self.vs)):
-                c, s = _quantize_q8_0(src)
-                codes[layer, :, pos0:pos0 + T] = c.transpose(1, 0, 2)
-                scales[layer, :, pos0:pos0 + T] = s.transpose(1, 0, 2)
-        else:
-            self.k[layer, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
-            self.v[layer, :, pos0:pos0 + T] = v.transpose(1, 0, 2)
+        for src, dst in ((k, self.k), (v, self.v)):
+            rows = src.transpose(1, 0, 2)  # (Hkv, T, d)
+            if self.k.dtype == np.uint8:  # blocks, by the codec that writes them into files
+                H, _, d = rows.shape
+                rows = kernels.quantize(self.ggml_type, rows.reshape(H * T, d)).reshape(H, T, -1)
+            dst[layer, :, pos0:pos0 + T] = rows
 
-    def load(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """K, V of positions 0..n-1 as float32 (Hkv, n, head_dim)."""
-        if self.kv_type == "q8_0":
-            out = []
-            for codes, scales in ((self.k, self.ks), (self.v, self.vs)):
-                c = codes[layer, :, :n].astype(np.float32)
-                H, _, d = c.shape
-                s = scales[layer, :, :n].astype(np.float32)
-                out.append((c.reshape(H, n, d // QK8_0, QK8_0) * s[..., None]).reshape(H, n, d))
-            return out[0], out[1]
-        return self.k[layer, :, :n].astype(np.float32), self.v[layer, :, :n].astype(np.float32)
+    def load(self, layer: int, p0: int, p1: int) -> tuple[np.ndarray, np.ndarray]:
+        """K, V of positions p0..p1-1 as float32 (Hkv, p1 - p0, head_dim)."""
+        out = []
+        for src, d in ((self.k, self.head_dim), (self.v, self.head_dim_v)):
+            rows = src[layer, :, p0:p1]
+            if src.dtype == np.uint8:
+                H, n, _ = rows.shape
+                rows = kernels.dequantize(self.ggml_type, rows.reshape(H * n, -1), d).reshape(H, n, d)
+            out.append(rows.astype(np.float32, copy=False))
+        return out[0], out[1]
 
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
         """Store k, v of T new tokens at pos0, then causal attention of their queries q (T, n_head, head_dim) over
@@ -117,38 +122,56 @@ class KVCache:
         g = n_head // n_head_kv
         # queries of one KV head's group side by side: row = head-in-group * T + t
         qh = q.transpose(1, 0, 2).reshape(n_head_kv, g * T, hd)
-        # queries meet K in K's type, as ggml's vec_dot converts its second operand
-        if self.kv_type == "f16":
-            qh = mm.round_f16(qh)
-        elif self.kv_type == "q8_0":
-            qh = mm.Act("q8_0", qh.reshape(-1, hd)).dequantized().reshape(qh.shape)
+        # queries meet K in K's dot-product type, as ggml's vec_dot converts its second operand
+        if self._q_kind != "f32":
+            qh = mm.Act(self._q_kind, qh.reshape(-1, hd)).dequantized().reshape(qh.shape)
         scale = np.float32(1.0 / np.sqrt(np.float32(hd)))
         if T < mm.BLAS_MIN_TOKENS:  # the same switch as the weights' products: few tokens, no float32 copy
             o = self._attend_stored(layer, np.ascontiguousarray(qh, dtype=np.float32), n, pos0, T, scale)
         else:
-            o = self._attend_float32(layer, qh, n, pos0, T, scale)
+            o = self._attend_tiled(layer, qh.reshape(n_head_kv, g, T, hd), pos0, scale)
         return o.reshape(n_head, T, self.head_dim_v).transpose(1, 0, 2).reshape(T, n_head * self.head_dim_v)
 
     def _attend_stored(self, layer: int, qh: np.ndarray, n: int, pos0: int, T: int,
                        scale: np.float32) -> np.ndarray:
         """Decode: the compiled kernel reads K and V as stored. qh (Hkv, g*T, hd) → (Hkv, g*T, hd_v)."""
-        kind, k, ks, v, vs = self._kernel
         o = np.empty((qh.shape[0], qh.shape[1], self.head_dim_v), np.float32)
-        ka.attend(qh, kind, k[layer], ks[layer], v[layer], vs[layer], n, pos0, T, scale, o)
+        k, v = self.k[layer], self.v[layer]
+        if k.dtype == np.uint8:
+            ka.attend_blocks(qh, self._kind, k, v, n, pos0, T, scale, o)
+        else:
+            ka.attend(qh, self._kind, k.view(np.uint16) if k.dtype == np.float16 else k,
+                      v.view(np.uint16) if v.dtype == np.float16 else v, n, pos0, T, scale, o)
         return o
 
-    def _attend_float32(self, layer: int, qh: np.ndarray, n: int, pos0: int, T: int,
-                        scale: np.float32) -> np.ndarray:
-        """Prompt: the cache converted to float32 once, scores and outputs by BLAS. qh (Hkv, g*T, hd)."""
-        H, gT, _ = qh.shape
-        K, V = self.load(layer, n)  # (Hkv, n, hd)
-        scores = np.matmul(qh, K.transpose(0, 2, 1))  # (Hkv, g*T, n)
-        scores *= scale
-        scores = scores.reshape(H, gT // T, T, n)
-        if T > 1 or pos0 + T < n:  # causal: the query at pos0 + t sees keys up to itself
-            mask = np.arange(n)[None, :] > (pos0 + np.arange(T))[:, None]
-            scores[:, :, mask] = -np.inf
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        return np.matmul(scores.reshape(H, gT, n), V)  # (Hkv, g*T, hd_v)
+    def _attend_tiled(self, layer: int, q: np.ndarray, pos0: int, scale: np.float32) -> np.ndarray:
+        """Prompt: flash attention. q (Hkv, g, T, hd) → (Hkv, g*T, hd_v). For each tile of queries, the keys
+        they can see go by in tiles converted to float32; a running maximum m, sum l and output acc per query
+        take each tile's scores exp(s - m) (rescaling what came before when m grows), so no score matrix
+        longer than a tile exists."""
+        H, g, T, hd = q.shape
+        out = np.empty((H, g, T, self.head_dim_v), np.float32)
+        for t0 in range(0, T, Q_TILE):
+            t1 = min(T, t0 + Q_TILE)
+            qt = q[:, :, t0:t1].reshape(H, g * (t1 - t0), hd)
+            q_pos = np.tile(pos0 + np.arange(t0, t1), g)  # each query row's position
+            m = np.full((H, qt.shape[1], 1), -np.inf, np.float32)
+            l = np.zeros((H, qt.shape[1], 1), np.float32)
+            acc = np.zeros((H, qt.shape[1], self.head_dim_v), np.float32)
+            for k0 in range(0, pos0 + t1, KV_TILE):  # the last query of the tile sees up to pos0 + t1 - 1
+                k1 = min(pos0 + t1, k0 + KV_TILE)
+                K, V = self.load(layer, k0, k1)
+                s = np.matmul(qt, K.transpose(0, 2, 1))  # (Hkv, g*tile, keys)
+                s *= scale
+                if k1 - 1 > pos0 + t0:  # causal: the query at position p sees keys up to p
+                    s[:, np.arange(k0, k1)[None, :] > q_pos[:, None]] = -np.inf
+                m_new = np.maximum(m, s.max(axis=-1, keepdims=True))  # finite: key 0 is in every query's view
+                s -= m_new
+                np.exp(s, out=s)
+                rescale = np.exp(m - m_new)
+                l = l * rescale + s.sum(axis=-1, keepdims=True)
+                acc *= rescale
+                acc += np.matmul(s, V)
+                m = m_new
+            out[:, :, t0:t1] = (acc / l).reshape(H, g, t1 - t0, self.head_dim_v)
+        return out.reshape(H, g * T, self.head_dim_v)

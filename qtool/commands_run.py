@@ -10,6 +10,9 @@ from typing import Optional
 import typer
 
 from qtool.errors import QtoolError, UsageError
+from qtool.formats.constants import KV_CACHE_TYPES
+
+KV_HELP = ", ".join(KV_CACHE_TYPES)
 
 MAX_SEED = 2**64 - 1  # numpy's generators take any non-negative seed; llama.cpp's are uint32, -1 meaning random
 
@@ -93,7 +96,7 @@ def run(
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length (capped by the model's)"),
-    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16 or q8_0"),
+    kv_type: str = typer.Option("f16", "--kv-type", help=f"KV cache type (llama.cpp's -ctk/-ctv): {KV_HELP}"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No statistics"),
     as_json: bool = typer.Option(False, "--json", help="With -p: print one JSON object"),
 ) -> None:
@@ -109,7 +112,7 @@ def run(
     for note in model.notes:
         if not quiet:
             print(f"qtool: warning: {note}", file=sys.stderr)
-    model.warm_up()  # so that the prompt's tokens/s is not the kernels' loading time
+    _warm_up(model, quiet)
     opts = SamplerOptions(temperature=temp, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, seed=seed)
     try:
         if prompt is not None:
@@ -191,6 +194,7 @@ def perplexity(
     text: Path = typer.Option(..., "--text", help="A UTF-8 text file"),
     ctx: int = typer.Option(512, "--ctx", help="Window length; the second half of each window is scored"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="A reference GGUF (e.g. F32) for KL divergence"),
+    kv_type: str = typer.Option("f16", "--kv-type", help=f"KV cache type of the measured file: {KV_HELP}"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
@@ -202,7 +206,7 @@ def perplexity(
     if ctx < 1:
         raise UsageError(f"--ctx {ctx}: use an even context of at least 8 tokens")
     body = read_text(text)
-    model = Model(path, n_ctx=ctx)
+    model = Model(path, n_ctx=ctx, kv_type=kv_type)
     ref = Model(reference, n_ctx=ctx) if reference else None
     try:
         if quiet or as_json:
@@ -231,6 +235,24 @@ def perplexity(
               f"{d['kl_mean']:.6f} ± {d['kl_mean_error']:.6f}, p99 {d['kl_p99']:.6f}, max {d['kl_max']:.6f}; "
               f"same top-1 token {100 * d['top1_agreement']:.2f}%")
     print(f"{d['tokens_per_s']:.0f} tokens/s, peak RSS {d['peak_rss_bytes'] / 1e6:.0f} MB")
+
+
+def _warm_up(model, quiet: bool) -> None:
+    """Load (or, on a first run, compile) the kernels before anything is timed, saying so when compiling: numba
+    then takes seconds per weight type, and a silent first run looks hung."""
+    from qtool import kernels
+    todo = kernels.uncompiled(model.gguf_types())
+    if not todo or quiet:
+        model.warm_up()
+        return
+    what = f"compiling kernels for {', '.join(t.name for t in todo)} (first run only)…"
+    if sys.stderr.isatty():
+        from rich.console import Console
+        with Console(stderr=True).status(what):
+            model.warm_up()
+    else:
+        print(f"qtool: {what}", file=sys.stderr, flush=True)
+        model.warm_up()
 
 
 def read_text(path: Path) -> str:

@@ -9,8 +9,9 @@ It follows llama.cpp's graph (src/models/llama.cpp, qwen2.cpp) and CPU math:
   does, divided by `rope_freqs` (Llama 3 scaling) when the file has it, times 1/factor for linear scaling;
 - grouped-query attention (head h reads KV head h // (n_head / n_head_kv)), scale 1/sqrt(head_dim), causal;
 - SwiGLU feed-forward, q/k/v biases when present, output tied to token_embd when output.weight is absent;
-- the KV cache holds K and V as F16 (default, as llama.cpp), Q8_0 or F32; queries meet K in K's type (rounded to
-  F16, or quantized to Q8_0), as ggml's vec_dot does.
+- the KV cache holds K and V as F16 (default, as llama.cpp), F32, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1; queries meet K
+  in K's dot-product type (rounded to F16, or quantized to Q8_0 / Q8_1), as ggml's vec_dot does; long prompts go
+  through flash attention in tiles.
 """
 from __future__ import annotations
 
@@ -81,8 +82,6 @@ class Model:
         self.cache = KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.head_dim_v, self.n_ctx, kv_type)
         self.n_past = 0
         self._tokenizer = None
-        # RoPE's per-pair step base^(-2/n_rot), computed once as ggml does (float32 pow)
-        self._theta_scale = np.float32(np.power(np.float32(c.rope_base), np.float32(-2.0) / np.float32(c.n_rot)))
 
     def _fail(self, problem: str) -> QtoolError:
         return QtoolError(f"{self.path}: {problem}")
@@ -115,6 +114,10 @@ class Model:
     def kv_bytes(self, n_tokens: int | None = None) -> int:
         return self.cache.nbytes(self.n_past if n_tokens is None else n_tokens)
 
+    def gguf_types(self) -> list:
+        """The ggml types of the file's tensors, each once."""
+        return sorted({t.ggml_type for t in self.gguf.tensors.values()})
+
     def weight_types(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.gguf.tensors.values():
@@ -137,40 +140,6 @@ class Model:
     def reset(self, n_past: int = 0) -> None:
         """Forget the cache from position n_past on."""
         self.n_past = max(0, min(n_past, self.n_past))
-
-    def _rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (T, 1, n_rot/2) of the angles pos * theta_scale^i, with theta_scale^i built by repeated
-        float32 multiplication as ggml does (not pow per pair: the last bits differ), / rope_freqs, * freq_scale."""
-        c = self.cfg
-        half = c.n_rot // 2
-        theta = positions.astype(np.float32)
-        cos = np.empty((len(positions), half), np.float32)
-        sin = np.empty((len(positions), half), np.float32)
-        fs = np.float32(c.freq_scale)
-        freqs = self.w.rope_freqs
-        for i in range(half):
-            th = theta if freqs is None else (theta / freqs[i]).astype(np.float32)
-            th = (fs * th).astype(np.float32)
-            cos[:, i] = np.cos(th.astype(np.float64)).astype(np.float32)
-            sin[:, i] = np.sin(th.astype(np.float64)).astype(np.float32)
-            theta = (theta * self._theta_scale).astype(np.float32)
-        return cos[:, None, :], sin[:, None, :]
-
-    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """x (T, heads, head_dim) rotated in place in its first n_rot dims, in the file's pair layout."""
-        n_rot = self.cfg.n_rot
-        if self.cfg.rope_mode == "normal":
-            x0 = x[..., 0:n_rot:2].copy()
-            x1 = x[..., 1:n_rot:2].copy()
-            x[..., 0:n_rot:2] = x0 * cos - x1 * sin
-            x[..., 1:n_rot:2] = x0 * sin + x1 * cos
-        else:
-            h = n_rot // 2
-            x0 = x[..., :h].copy()
-            x1 = x[..., h:n_rot].copy()
-            x[..., :h] = x0 * cos - x1 * sin
-            x[..., h:n_rot] = x0 * sin + x1 * cos
-        return x
 
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Append tokens at the current position; logits (T, vocab) for every token, or (vocab,) for the last."""
@@ -200,11 +169,9 @@ class Model:
         # the tokens' embedding rows, dequantized: x (T, n_embd) is the residual stream
         x = w.token_embd(tokens)
         # RoPE angles of these positions, shared by every layer
-        cos, sin = self._rope_tables(np.arange(pos0, pos0 + T))
-        # each block adds to the stream what it computes from a normed copy (pre-norm residuals)
+        rope = rope_tables(c, w.rope_freqs, np.arange(pos0, pos0 + T))
         for i, L in enumerate(w.layers):
-            x = x + self._attention(i, L, _rms_norm(x, L.attn_norm, c.eps), cos, sin, pos0)
-            x = x + self._feed_forward(L, _rms_norm(x, L.ffn_norm, c.eps))
+            x = block(c, L, x, self.cache, i, rope, pos0)
         self.n_past = pos0 + T
         if not want:
             return None
@@ -214,32 +181,79 @@ class Model:
         # final norm, then the vocabulary projection
         return w.output(_rms_norm(x, w.output_norm, c.eps))
 
-    def _attention(self, i: int, L: LayerWeights, h: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                   pos0: int) -> np.ndarray:
-        """Self-attention of the normed stream h (T, n_embd) of layer i: (T, n_embd), to add to the stream."""
-        c = self.cfg
-        T = h.shape[0]
-        # Q, K, V share one conversion of h per activation type (acts)
-        acts: dict = {}
-        q, k, v = L.wq(h, acts), L.wk(h, acts), L.wv(h, acts)
-        for y, b in ((q, L.bq), (k, L.bk), (v, L.bv)):
-            if b is not None:
-                y += b
-        # rotate Q and K by position; V is not rotated
-        q = self._rope(q.reshape(T, c.n_head, c.head_dim), cos, sin)
-        k = self._rope(k.reshape(T, c.n_head_kv, c.head_dim), cos, sin)
-        v = v.reshape(T, c.n_head_kv, c.head_dim_v)
-        # K, V into the cache, then the queries over every position so far
-        o = L.wo(self.cache.attend(i, q, k, v, pos0))
-        if L.bo is not None:
-            o += L.bo
-        return o
 
-    @staticmethod
-    def _feed_forward(L: LayerWeights, h: np.ndarray) -> np.ndarray:
-        """SwiGLU of the normed stream h (T, n_embd): down(silu(gate h) * up h)."""
-        acts: dict = {}
-        gate, up = L.w_gate(h, acts), L.w_up(h, acts)
-        with np.errstate(over="ignore"):  # exp(-gate) overflows to inf for very negative gates: silu is then 0
-            act = gate / (np.float32(1.0) + np.exp(-gate)) * up
-        return L.w_down(act)
+
+# ---- the layer math, shared by Model and by calibration from a checkpoint (qtool/calibrate.py) ----------------
+def rope_tables(c: HParams, rope_freqs: np.ndarray | None, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (T, 1, n_rot/2) of the angles pos * theta_scale^i, with theta_scale = base^(-2/n_rot) in float32
+    pow and its powers built by repeated float32 multiplication as ggml does (not pow per pair: the last bits
+    differ), / rope_freqs, * freq_scale."""
+    half = c.n_rot // 2
+    theta_scale = np.float32(np.power(np.float32(c.rope_base), np.float32(-2.0) / np.float32(c.n_rot)))
+    theta = positions.astype(np.float32)
+    cos = np.empty((len(positions), half), np.float32)
+    sin = np.empty((len(positions), half), np.float32)
+    fs = np.float32(c.freq_scale)
+    for i in range(half):
+        th = theta if rope_freqs is None else (theta / rope_freqs[i]).astype(np.float32)
+        th = (fs * th).astype(np.float32)
+        cos[:, i] = np.cos(th.astype(np.float64)).astype(np.float32)
+        sin[:, i] = np.sin(th.astype(np.float64)).astype(np.float32)
+        theta = (theta * theta_scale).astype(np.float32)
+    return cos[:, None, :], sin[:, None, :]
+
+
+def _rope(c: HParams, x: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """x (T, heads, head_dim) rotated in place in its first n_rot dims, in the file's pair layout."""
+    cos, sin = rope
+    n_rot = c.n_rot
+    if c.rope_mode == "normal":
+        x0 = x[..., 0:n_rot:2].copy()
+        x1 = x[..., 1:n_rot:2].copy()
+        x[..., 0:n_rot:2] = x0 * cos - x1 * sin
+        x[..., 1:n_rot:2] = x0 * sin + x1 * cos
+    else:
+        h = n_rot // 2
+        x0 = x[..., :h].copy()
+        x1 = x[..., h:n_rot].copy()
+        x[..., :h] = x0 * cos - x1 * sin
+        x[..., h:n_rot] = x0 * sin + x1 * cos
+    return x
+
+
+def block(c: HParams, L: LayerWeights, x: np.ndarray, cache: KVCache, i: int, rope: tuple[np.ndarray, np.ndarray],
+          pos0: int) -> np.ndarray:
+    """Transformer block i on the residual stream x (T, n_embd) at positions pos0..: each half adds to the stream
+    what it computes from a normed copy (pre-norm residuals)."""
+    x = x + _attention(c, L, _rms_norm(x, L.attn_norm, c.eps), cache, i, rope, pos0)
+    return x + _feed_forward(L, _rms_norm(x, L.ffn_norm, c.eps))
+
+
+def _attention(c: HParams, L: LayerWeights, h: np.ndarray, cache: KVCache, i: int,
+               rope: tuple[np.ndarray, np.ndarray], pos0: int) -> np.ndarray:
+    """Self-attention of the normed stream h (T, n_embd) of layer i: (T, n_embd), to add to the stream."""
+    T = h.shape[0]
+    # Q, K, V share one conversion of h per activation type (acts)
+    acts: dict = {}
+    q, k, v = L.wq(h, acts), L.wk(h, acts), L.wv(h, acts)
+    for y, b in ((q, L.bq), (k, L.bk), (v, L.bv)):
+        if b is not None:
+            y += b
+    # rotate Q and K by position; V is not rotated
+    q = _rope(c, q.reshape(T, c.n_head, c.head_dim), rope)
+    k = _rope(c, k.reshape(T, c.n_head_kv, c.head_dim), rope)
+    v = v.reshape(T, c.n_head_kv, c.head_dim_v)
+    # K, V into the cache, then the queries over every position so far
+    o = L.wo(cache.attend(i, q, k, v, pos0))
+    if L.bo is not None:
+        o += L.bo
+    return o
+
+
+def _feed_forward(L: LayerWeights, h: np.ndarray) -> np.ndarray:
+    """SwiGLU of the normed stream h (T, n_embd): down(silu(gate h) * up h)."""
+    acts: dict = {}
+    gate, up = L.w_gate(h, acts), L.w_up(h, acts)
+    with np.errstate(over="ignore"):  # exp(-gate) overflows to inf for very negative gates: silu is then 0
+        act = gate / (np.float32(1.0) + np.exp(-gate)) * up
+    return L.w_down(act)
