@@ -1,18 +1,21 @@
 """Hugging Face checkpoints: a folder with config.json and safetensors weights (one file or shards with an
 index), or a hub repo id fetched with huggingface_hub. Tensors come out one at a time, as float32 or in their
 stored 16-bit form, so a whole model is never in memory.
+
+Opening a folder checks it before anything is planned: config.json's values and every tensor's shape and dtype
+against the architecture record (qtool/archs.py), shard paths and weights links inside the folder, every file
+regular (a FIFO would block) and every JSON file bounded in size and depth.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from qtool import archs
 from qtool.errors import QtoolError
-from qtool.formats.safetensors import SafetensorsFile
+from qtool.formats.safetensors import SafetensorsFile, read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # what a conversion needs from a hub repo; weights are safetensors only
@@ -20,6 +23,8 @@ HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model
                 "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "chat_template.jinja"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # F64, rare, is narrowed to F32 when read
+MAX_CONFIG_BYTES = 16 << 20  # config.json and the shard index are a few KB; a bigger one is not a checkpoint
 
 
 def resolve_source(src: str) -> Path:
@@ -46,6 +51,33 @@ def resolve_source(src: str) -> Path:
         raise QtoolError(f"{src}: download failed: {first}") from None
 
 
+def _weight_map(idx: Path, index: object) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map: tensor name → shard file, a plain name inside the folder
+    (an absolute path or "../" would read any file the user can read)."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in weight_map.items()):
+        raise QtoolError(f"{idx}: weight_map is not an object of tensor name → shard file name")
+    for shard in sorted(set(weight_map.values())):
+        parts = Path(shard).parts
+        if not shard or Path(shard).is_absolute() or ".." in parts or "\0" in shard:
+            raise QtoolError(f"{idx}: weight_map: shard path {shard!r} is not inside the model folder")
+    return weight_map
+
+
+def _check_inside(folder: Path, path: Path) -> None:
+    """A weights file must resolve inside the model folder: a symlink out of it is followed only as a hub cache
+    snapshot links into its own blob store (models--org--name/snapshots/<rev>/f → models--org--name/blobs/<hash>)."""
+    root, target = folder.resolve(), path.resolve()
+    if target.is_relative_to(root):
+        return
+    snapshot = folder.absolute()
+    if snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--"):
+        if target.is_relative_to((snapshot.parent.parent / "blobs").resolve()):
+            return
+    raise QtoolError(f"{path}: links outside the model folder (to {target}); copy the file in to use it")
+
+
 class Checkpoint:
     """A checkpoint folder. `names` lists every tensor; `stored(name)` gives its stored values, `release(name)`
     drops the file pages they touched."""
@@ -53,25 +85,32 @@ class Checkpoint:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         cfg = self.folder / "config.json"
-        if not cfg.is_file():
+        if not cfg.exists() and not cfg.is_symlink():  # a broken link is reported as such by read_json
             raise QtoolError(f"{self.folder}: no config.json, not a Hugging Face checkpoint folder")
-        try:
-            self.config = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise QtoolError(f"{cfg}: not valid JSON: {e}") from None
+        self.config = read_json(cfg, MAX_CONFIG_BYTES)
+        if not isinstance(self.config, dict):
+            raise QtoolError(f"{cfg}: not a JSON object")
         self._files: dict[str, SafetensorsFile] = {}
-        self._where = self._index()
+        try:
+            self._where = self._index()
+            # before anything is planned: a config that contradicts itself or its tensors is an error, not a file
+            try:
+                self.arch = archs.check_checkpoint(self.config, {n: self.shape(n) for n in self._where})
+            except QtoolError as e:
+                raise QtoolError(f"{self.folder}: {e}") from None
+            for name, shard in self._where.items():  # refused now, not halfway through writing
+                dtype = self.dtype(name)
+                if dtype not in FLOAT_DTYPES and archs.hf_tensor_kind(name, self.arch) is not None:
+                    raise QtoolError(f"{self.folder / shard}: tensor {name} has dtype {dtype}; qtool converts "
+                                     "F32, F16 and BF16 weights")
+        except BaseException:
+            self.close()
+            raise
 
     def _index(self) -> dict[str, str]:
         idx = self.folder / "model.safetensors.index.json"
-        if idx.is_file():
-            try:
-                weight_map = json.loads(idx.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise QtoolError(f"{idx}: not a valid safetensors index ({e})") from None
-            for shard in sorted(set(weight_map.values())):
-                if not (self.folder / shard).is_file():
-                    raise QtoolError(f"{self.folder}: shard {shard} named in {idx.name} is missing")
+        if idx.exists():
+            weight_map = _weight_map(idx, read_json(idx, MAX_CONFIG_BYTES))
             where = {}
             for shard in sorted(set(weight_map.values())):
                 f = self._open(shard)
@@ -100,7 +139,11 @@ class Checkpoint:
 
     def _open(self, fname: str) -> SafetensorsFile:
         if fname not in self._files:
-            self._files[fname] = SafetensorsFile(self.folder / fname)
+            path = self.folder / fname
+            if not path.exists():
+                raise QtoolError(f"{self.folder}: weights file {fname} is missing")
+            _check_inside(self.folder, path)
+            self._files[fname] = SafetensorsFile(path)
         return self._files[fname]
 
     @property
@@ -124,9 +167,7 @@ class Checkpoint:
         dtype = f.tensors[name].dtype
         if dtype == "F64":
             return f.view(name).astype(np.float32), "F32"
-        if dtype not in ("F32", "F16", "BF16"):
-            raise QtoolError(f"{f.path}: tensor {name} has dtype {dtype}; qtool converts F32, F16 and BF16 weights")
-        return f.view(name), dtype
+        return f.view(name), dtype  # one of FLOAT_DTYPES: checked when the folder was opened
 
     def release(self, name: str) -> None:
         """Drop the pages of a tensor that has been encoded from this process's resident set."""

@@ -2,13 +2,19 @@
 data is written one tensor at a time, so peak memory is one tensor, never the model.
 
 Output goes to a hidden temporary file beside the destination and is renamed over it only when complete:
-an error or Ctrl-C leaves no partial file and an existing file untouched.
+an error or Ctrl-C leaves no partial file and an existing file untouched. The temporary file's name carries the
+writer's pid, so one left by a killed run (kill -9) is recognized and removed by the next writer in that folder.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import struct
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +24,79 @@ import numpy as np
 from qtool.errors import QtoolError
 from qtool.formats.constants import (GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, VALUE_DTYPES, GGMLType, Keys,
                                      ValueType, tensor_nbytes)
+
+
+# our temporary files: ".<output name>.<pid>.<mkstemp's 8 characters>.partial" (older runs wrote no pid)
+PARTIAL = re.compile(r"^\..+?(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.partial$")
+STALE_SECONDS = 3600  # a live writer touches its file far more often than this, even on one huge tensor
+DEAD_GRACE_SECONDS = 60  # a dead pid is trusted only past this: another pid namespace may share the folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or not a pid we can ask about: leave its file alone
+    return True
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Remove our temporary files left in `folder` by a killed run (kill -9, power loss): those whose writer no
+    longer exists, or untouched for an hour. Returns the removed paths, for the caller to report."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = PARTIAL.match(entry.name)
+        if not m:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - st.st_mtime
+            pid = int(m.group("pid")) if m.group("pid") else None
+            dead = pid is not None and pid != os.getpid() and not _alive(pid) and age > DEAD_GRACE_SECONDS
+            if dead or age > STALE_SECONDS:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # gone already, or not ours to remove
+    return removed
+
+
+def output_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be an output file (checked before any work), or None. An empty name is "." here: the
+    CLI's Path conversion turns "" into it."""
+    path = Path(path)
+    if not str(path) or not path.name or path.is_dir():
+        return f"{str(path) or repr('')} is a directory; give the output file's name"
+    return None
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold Ctrl-C and SIGTERM off while a temporary file is created or removed, so an interrupt cannot fall
+    between creating it and remembering it, or in the middle of removing it: it is re-raised right after. The
+    Python handlers are swapped rather than the signal mask, since numba's threads would still take the signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            if handler is not None:  # None: a handler set outside Python, which cannot be put back from here
+                signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 @dataclass(frozen=True)
@@ -139,13 +218,18 @@ class GGUFWriter:
         folder = self.path.parent if str(self.path.parent) else Path(".")
         if not folder.is_dir():
             raise QtoolError(f"{self.path}: output folder {folder} does not exist")
-        try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=".partial")
-        except OSError as e:
-            raise QtoolError(f"{self.path}: cannot write to {folder}: {e.strerror}") from None
-        self._tmp = Path(tmp)
-        self._fh = os.fdopen(fd, "wb", buffering=0)
-        self._fh.write(self.header_bytes())
+        problem = output_problem(self.path)
+        if problem:
+            raise QtoolError(problem)
+        remove_stale_partials(folder)
+        with _signals_held():
+            try:
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.{os.getpid()}.", suffix=".partial")
+            except OSError as e:
+                raise QtoolError(f"{self.path}: cannot write to {folder}: {e.strerror}") from None
+            self._tmp = Path(tmp)
+            self._fh = os.fdopen(fd, "wb", buffering=0)
+        self._write_all(self.header_bytes())
 
     def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
         if self._fh is None:
@@ -163,33 +247,46 @@ class GGUFWriter:
 
     def _write_all(self, buf) -> None:
         view = memoryview(buf).cast("B")
-        while view.nbytes:
-            n = self._fh.write(view)
-            view = view[n:]
+        try:
+            while view.nbytes:
+                n = self._fh.write(view)
+                view = view[n:]
+        except OSError as e:  # a full disk names the output, not the temporary file (removed by abort)
+            raise QtoolError(f"{self.path}: cannot write: {e.strerror or e}") from None
 
     def close(self) -> None:
-        """Finish the file and move it into place."""
+        """Finish the file and move it into place; on any failure (fsync, rename) the temporary file is removed
+        and an existing output is left as it was."""
         if self._fh is None:
             self.open()
         if self._next != len(self._tensors):
             raise RuntimeError(f"{len(self._tensors) - self._next} tensors declared but not written")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(self._tmp, 0o666 & ~mask)
-        os.replace(self._tmp, self.path)
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(self._tmp, 0o666 & ~mask)
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise QtoolError(f"{self.path}: cannot finish writing: {e.strerror or e}") from None
+        except BaseException:
+            self.abort()
+            raise
         self._tmp = None
 
     def abort(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+        with _signals_held():
+            if self._tmp is not None:  # unlinked first: the name goes even if closing fails
+                self._tmp.unlink(missing_ok=True)
+                self._tmp = None
+            if self._fh is not None:
+                fh, self._fh = self._fh, None
+                with contextlib.suppress(OSError):
+                    fh.close()
 
     def __enter__(self) -> "GGUFWriter":
         return self

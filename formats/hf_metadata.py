@@ -8,13 +8,14 @@ metadata override files.
 """
 from __future__ import annotations
 
-import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 from qtool.errors import QtoolError
 from qtool.formats.constants import Keys, ValueType
+from qtool.formats.safetensors import read_json
 
 G = Keys.General
 S, I32, F32 = ValueType.STRING, ValueType.INT32, ValueType.FLOAT32
@@ -120,11 +121,11 @@ def model_id_components(model_id: str, total_params: int) -> dict[str, str | Non
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+    try:  # bounded in size and depth, and only a regular file: a FIFO named so would block a plain read
+        data = read_json(path, 16 << 20)
+    except QtoolError:
         return {}  # gguf-py ignores an unreadable generation config too
     return data if isinstance(data, dict) else {}
 
@@ -141,8 +142,13 @@ def general_metadata(folder: Path, config: dict, model_id: str, total_params: in
             continue
         try:
             value = str(value) if vtype == S else int(value) if vtype == I32 else float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise QtoolError(f"{folder}/generation_config.json: {fields[0]} {value!r} is not a number") from None
+        # the GGUF value is an int32 or a float32: out of range or NaN is nonsense, not a sampling default
+        in_range = (-2**31 <= value < 2**31 if vtype == I32
+                    else vtype == S or math.isfinite(value) and abs(value) < 3.4e38)
+        if not in_range:
+            raise QtoolError(f"{folder}/generation_config.json: {fields[0]} {value!r} is out of range")
         out.append((key, value, vtype, None))
     found: dict[str, str | None] = dict.fromkeys(NAME_FIELDS)
     ids = []

@@ -8,12 +8,14 @@ gguf-py's SpecialVocab does (tokenizer.json's post-processor, tokenizer_config.j
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qtool.errors import QtoolError
 from qtool.formats.constants import Keys, TokenType, ValueType
+from qtool.formats.safetensors import open_regular, read_json
 
 KT = Keys.Tokenizer
 
@@ -35,16 +37,102 @@ class TokenizerMeta:
         self.entries.append((key, value, vtype, elem))
 
 
+def _present(path: Path) -> bool:
+    """A file there, or a name for one: a broken link or a FIFO is then an error (open_regular), not a silent
+    fallback to another tokenizer file."""
+    return path.exists() or path.is_symlink()
+
+
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    if not _present(path):
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QtoolError(f"{path}: not valid JSON: {e}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise QtoolError(f"{path}: not a JSON object")
     return data
+
+
+MAX_TOKEN_ID = (1 << 24) - 1  # archs.MAX_VOCAB: ids index lists padded to the vocabulary size
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKEN_ID
+
+
+def _require(ok: bool, path: Path, field: str, what: str) -> None:
+    if not ok:
+        raise QtoolError(f"{path}: {field} is not {what}")
+
+
+def _dicts(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+def _check_tokenizer_json(tj: dict, path: Path) -> None:
+    """tokenizer.json's fields the converter reads, checked for structure before any of them is used."""
+    model = tj.get("model", {})
+    _require(isinstance(model, dict), path, "model", "an object")
+    _require(isinstance(model.get("type", ""), str), path, "model.type", "a string")
+    vocab = model.get("vocab", {})
+    if model.get("type") == "BPE":
+        _require(isinstance(vocab, dict) and all(_is_id(i) for i in vocab.values()), path, "model.vocab",
+                 f"an object of token → id (0 to {MAX_TOKEN_ID})")
+        merges = model.get("merges", [])
+        _require(isinstance(merges, list) and all(
+            isinstance(m, str) or isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)
+            for m in merges), path, "model.merges", 'a list of "a b" strings or [a, b] pairs')
+        _require(bool(vocab) or bool(tj.get("added_tokens")), path, "model.vocab", "a non-empty object")
+    added = tj.get("added_tokens", [])
+    _require(_dicts(added) and all(_is_id(t.get("id")) and isinstance(t.get("content"), str) for t in added),
+             path, "added_tokens", "a list of {id, content} objects")
+    pre = tj.get("pre_tokenizer") or {}
+    _require(isinstance(pre, dict), path, "pre_tokenizer", "an object")
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    _require(_dicts(parts) and all(isinstance(p.get("pattern") or {}, dict)
+                                   and isinstance((p.get("pattern") or {}).get("Regex", ""), str) for p in parts),
+             path, "pre_tokenizer", "an object (pretokenizers a list of objects, pattern.Regex a string)")
+    post = tj.get("post_processor") or {}
+    _require(isinstance(post, dict) and _dicts(post.get("processors", [post])), path, "post_processor",
+             "an object (processors a list of objects)")
+    for proc in post.get("processors", [post]):
+        for field in ("cls", "sep"):
+            _require(field not in proc or isinstance(proc[field], list) and proc[field], path,
+                     f"post_processor.{field}", "a non-empty list")
+        for field in ("single", "pair"):
+            items = proc.get(field, [])
+            _require(_dicts(items) and all(_named(i.get(k, {})) for i in items for k in ("SpecialToken", "Sequence")),
+                     path, f"post_processor.{field}", "a list of {SpecialToken|Sequence: {id: string}} objects")
+    _check_normalizer(tj.get("normalizer") or {}, path)
+
+
+def _named(v: Any) -> bool:
+    return isinstance(v, dict) and isinstance(v.get("id", ""), str)
+
+
+def _check_normalizer(normalizer: Any, path: Path) -> None:
+    # depth is bounded by parse_json, so this recursion is too
+    _require(isinstance(normalizer, dict) and _dicts(normalizer.get("normalizers", [])), path, "normalizer",
+             "an object (normalizers a list of objects)")
+    for n in normalizer.get("normalizers", []):
+        _check_normalizer(n, path)
+
+
+def _check_chat_template(template: Any, path: Path) -> None:
+    _require(template is None or isinstance(template, str) or _dicts(template) and all(
+        isinstance(c.get("name", ""), str) and isinstance(c.get("template", ""), (str, type(None))) for c in template),
+        path, "chat_template", "a string or a list of {name, template} strings")
+
+
+def _check_tokenizer_config(tc: dict, path: Path) -> None:
+    """tokenizer_config.json's fields the converter reads (the *_token entries are type-checked where read)."""
+    _require(tc.get("add_prefix_space") is None or isinstance(tc["add_prefix_space"], bool), path,
+             "add_prefix_space", "true or false")
+    decoder = tc.get("added_tokens_decoder", {})
+    _require(isinstance(decoder, dict) and all(
+        isinstance(k, str) and k.isdigit() and _is_id(int(k)) and isinstance(t, dict)
+        and isinstance(t.get("content"), str) for k, t in decoder.items()),
+        path, "added_tokens_decoder", f"an object of id (0 to {MAX_TOKEN_ID}) → {{content}}")
+    _check_chat_template(tc.get("chat_template"), path)
 
 
 def tokenizer_metadata(folder: Path, config: dict, space_prefix: bool = False) -> TokenizerMeta:
@@ -52,11 +140,14 @@ def tokenizer_metadata(folder: Path, config: dict, space_prefix: bool = False) -
     add_prefix_space as tokenizer.ggml.add_space_prefix first, as llama.cpp's LlamaModel does."""
     folder = Path(folder)
     tok_cfg = _read_json(folder / "tokenizer_config.json")
+    _check_tokenizer_config(tok_cfg, folder / "tokenizer_config.json")
     tok_json = _read_json(folder / "tokenizer.json")
+    _check_tokenizer_json(tok_json, folder / "tokenizer.json")
     meta = TokenizerMeta()
     if space_prefix and tok_cfg.get("add_prefix_space") is not None:
         meta.add(KT.ADD_PREFIX, bool(tok_cfg["add_prefix_space"]), ValueType.BOOL)
-    if (folder / "tokenizer.model").is_file():
+    if _present(folder / "tokenizer.model"):
+        os.close(open_regular(folder / "tokenizer.model"))
         tokens = _sentencepiece(folder / "tokenizer.model", config, tok_cfg, meta)
         n_vocab: int | None = len(tokens)
     elif tok_json.get("model", {}).get("type") == "BPE":
@@ -232,7 +323,8 @@ def _chat_template(folder: Path) -> Any:
     """chat_template.jinja (where transformers >= 4.43 saves it; named extras beside it) or chat_template.json."""
     def read(path: Path) -> str:
         try:
-            return path.read_text(encoding="utf-8")
+            with os.fdopen(open_regular(path), "rb") as fh:  # a FIFO here would block a plain open forever
+                return fh.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise QtoolError(f"{path}: cannot read as UTF-8 text ({e})") from None
 
@@ -244,8 +336,10 @@ def _chat_template(folder: Path) -> Any:
             template = [{"name": "default", "template": template}] + [
                 {"name": p.stem, "template": read(p)} for p in extras]
         return template
-    if (folder / "chat_template.json").is_file():
-        return _read_json(folder / "chat_template.json").get("chat_template")
+    if (folder / "chat_template.json").exists():
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+        _check_chat_template(template, folder / "chat_template.json")
+        return template
     return None
 
 
@@ -274,7 +368,7 @@ def _special_vocab(folder: Path, config: dict, tok_cfg: dict, tok_json: dict, n_
                 _special_id(typ, next((t.get("id") for t in added if t.get("content") == text), None), n_vocab, ids)
     for typ in types:
         tid = config.get(f"{typ}_token_id")
-        if tid is None and "text_config" in config:
+        if tid is None and config.get("text_config"):  # an object when given (archs.check_config); null is none
             tid = config["text_config"].get(f"{typ}_token_id")
         _special_id(typ, tid, n_vocab, ids)
     for typ, tid in ids.items():

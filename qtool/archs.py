@@ -56,16 +56,32 @@ class HParam:
         return self.default
 
     def number(self, config: Mapping[str, Any]) -> int | float:
-        """value() as the key's type (a positive integer, or a float)."""
+        """value() as the key's type: a positive integer up to MAX_HPARAM, or a finite positive float (an eps
+        or RoPE base of 0, NaN or inf gives a file that runs to garbage)."""
         v = self.value(config)
-        try:
-            n = float(v) if self.vtype == F32 else int(v)
-        except (TypeError, ValueError):
-            n = None
-        if n is None or isinstance(v, bool) or self.vtype != F32 and (n != v or n <= 0):
-            raise QtoolError(f"config.json: {self.hf[0] if self.hf else self.key} is {v!r}, not a "
-                             f"{'number' if self.vtype == F32 else 'positive integer'}")
-        return n
+        name = self.hf[0] if self.hf else self.key
+        if self.vtype == F32:
+            return _positive_float(v, f"config.json: {name}")
+        return _positive_int(v, f"config.json: {name}")
+
+
+def _positive_int(v: Any, what: str, lo: int = 1) -> int:
+    if isinstance(v, float) and v.is_integer():  # 64.0 is what some exporters write
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= MAX_HPARAM:
+        raise QtoolError(f"{what} is {_shown(v)}, not an integer from {lo} to {MAX_HPARAM}")
+    return v
+
+
+def _positive_float(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        raise QtoolError(f"{what} is {_shown(v)}, not a finite positive number")
+    return float(v)
+
+
+def _shown(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _config_value(config: Mapping[str, Any], hf_keys: tuple[str, ...]) -> Any:
@@ -89,6 +105,7 @@ HP_HEADS_KV = HParam(K.Attention.HEAD_COUNT_KV, U32, ("num_key_value_heads",), d
 HP_LAYERS = HParam(K.LLM.BLOCK_COUNT, U32, ("num_hidden_layers",))
 HP_ROPE_BASE = HParam(K.Rope.FREQ_BASE, F32, ("rope_theta",), default=10000.0)
 HP_HEAD_DIM = HParam(K.Attention.KEY_LENGTH, U32, ("head_dim",), default=_head_dim)
+HP_FF = HParam(K.LLM.FEED_FORWARD_LENGTH, U32, ("intermediate_size",))
 
 
 def _text_model(head_dim_default: Any) -> tuple[HParam, ...]:
@@ -100,7 +117,7 @@ def _text_model(head_dim_default: Any) -> tuple[HParam, ...]:
         HP_LAYERS,
         HParam(K.LLM.CONTEXT_LENGTH, U32, ("max_position_embeddings",)),
         HP_HIDDEN,
-        HParam(K.LLM.FEED_FORWARD_LENGTH, U32, ("intermediate_size",)),
+        HP_FF,
         HP_HEADS,
         HP_HEADS_KV,
         HP_ROPE_BASE,
@@ -163,6 +180,8 @@ BY_HF_CLASS: dict[str, Arch] = {c: a for a in ARCHS.values() for c in a.hf_class
 def arch_for(config: Mapping[str, Any]) -> tuple[str, Arch]:
     """The record for a config.json's "architectures" (the first supported one wins)."""
     names = config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise QtoolError(f"config.json: architectures is {_shown(names)}, not a list of class names")
     for name in names:
         if name in BY_HF_CLASS:
             return name, BY_HF_CLASS[name]
@@ -184,6 +203,123 @@ def hparam_metadata(arch: Arch, config: Mapping[str, Any], given: Mapping[str, A
             value = hp.number(config)
         out.append((key, value, hp.vtype, None))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checking a checkpoint against its config (before anything is planned or written)
+# ---------------------------------------------------------------------------------------------------------------
+
+MAX_VOCAB = 1 << 24  # 64× the largest vocabulary in use: the token list is padded to vocab_size in memory
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+_OBJECTS = ("rope_scaling", "rope_parameters", "text_config")
+
+
+def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
+    """Every config.json value the converter reads, checked for type and range (the field named in the error),
+    so nonsense hparams are an error rather than a file."""
+    for field in _OBJECTS:
+        if config.get(field) is not None and not isinstance(config[field], dict):
+            raise QtoolError(f"config.json: {field} is {_shown(config[field])}, not an object")
+    for field in _BOOLS:
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            raise QtoolError(f"config.json: {field} is {_shown(config[field])}, not true or false")
+    for hp in arch.hparams:
+        if hp.default is GIVEN or hp.default is OPTIONAL and _config_value(config, hp.hf) is None:
+            continue
+        hp.number(config)
+    if config.get("vocab_size") is not None:
+        vocab = _positive_int(config["vocab_size"], "config.json: vocab_size")
+        if vocab > MAX_VOCAB:
+            raise QtoolError(f"config.json: vocab_size is {vocab}, more than the {MAX_VOCAB} qtool accepts")
+    n_head, n_kv = HP_HEADS.number(config), HP_HEADS_KV.number(config)
+    if n_head % n_kv:
+        raise QtoolError(f"config.json: {n_head} attention heads cannot share {n_kv} KV heads "
+                         "(num_attention_heads must be a multiple of num_key_value_heads)")
+    if _config_value(config, HP_HEAD_DIM.hf) is None and HP_HIDDEN.number(config) % n_head:
+        raise QtoolError(f"config.json: hidden_size {HP_HIDDEN.number(config)} is not a multiple of "
+                         f"num_attention_heads {n_head} (and no head_dim is given)")
+    head_dim = HP_HEAD_DIM.number(config)
+    if head_dim % 2:  # RoPE rotates pairs
+        raise QtoolError(f"config.json: head size {head_dim} is odd; RoPE needs an even one")
+    _check_rope_scaling(config)
+
+
+def _check_rope_scaling(config: Mapping[str, Any]) -> None:
+    """The fields the converter reads for Llama 3 scaling: factors finite and positive, high above low (the
+    smoothing divides by their difference), the original context a positive integer."""
+    rs = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    where = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind is not None and not isinstance(kind, str):
+        raise QtoolError(f"config.json: {where}.rope_type is {_shown(kind)}, not a string")
+    # present means used (the converter's rs.get(field, default) returns a null as is)
+    for field in ("factor", "low_freq_factor", "high_freq_factor"):
+        if field in rs:
+            _positive_float(rs[field], f"config.json: {where}.{field}")
+    if "original_max_position_embeddings" in rs:
+        _positive_int(rs["original_max_position_embeddings"], f"config.json: {where}.original_max_position_embeddings")
+    if (kind or "").lower() == "llama3" and rs.get("high_freq_factor", 4.0) <= rs.get("low_freq_factor", 1.0):
+        raise QtoolError(f"config.json: {where}.high_freq_factor must be above low_freq_factor")
+
+
+# each kind's HF shape ([out, in], torch order) in terms of the config; a bias is the weight's first dimension
+HF_SHAPES: dict[ModelTensor, tuple[str, ...]] = {
+    M.TOKEN_EMBD: ("vocab", "hidden"), M.OUTPUT: ("vocab", "hidden"), M.OUTPUT_NORM: ("hidden",),
+    M.ATTN_NORM: ("hidden",), M.FFN_NORM: ("hidden",),
+    M.ATTN_Q: ("q", "hidden"), M.ATTN_K: ("kv", "hidden"), M.ATTN_V: ("kv", "hidden"), M.ATTN_OUT: ("hidden", "q"),
+    M.FFN_GATE: ("ff", "hidden"), M.FFN_UP: ("ff", "hidden"), M.FFN_DOWN: ("hidden", "ff"),
+}
+# what every layer and the model must have for llama.cpp to load the file (lm_head is optional: tied embeddings)
+LAYER_TENSORS = (M.ATTN_NORM, M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.ATTN_OUT, M.FFN_NORM, M.FFN_GATE, M.FFN_UP, M.FFN_DOWN)
+MODEL_TENSORS = (M.TOKEN_EMBD, M.OUTPUT_NORM)
+
+
+def check_tensors(arch: Arch, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every checkpoint tensor's shape against the (checked) config, every layer below num_hidden_layers, and
+    every tensor the graph needs present: a contradiction is an error before anything is written."""
+    head_dim, n_head, n_kv = HP_HEAD_DIM.number(config), HP_HEADS.number(config), HP_HEADS_KV.number(config)
+    dims = {"hidden": HP_HIDDEN.number(config), "q": n_head * head_dim, "kv": n_kv * head_dim,
+            "ff": HP_FF.number(config),
+            "vocab": None if config.get("vocab_size") is None else int(config["vocab_size"])}  # checked in check_config
+    # how each dimension follows from config.json, for the error
+    source = {"hidden": f"hidden_size {dims['hidden']}", "q": f"num_attention_heads {n_head} × head size {head_dim}",
+              "kv": f"num_key_value_heads {n_kv} × head size {head_dim}", "ff": f"intermediate_size {dims['ff']}"}
+    n_layer = HP_LAYERS.number(config)
+    seen: set[tuple[ModelTensor, int | None]] = set()
+    for name, shape in shapes.items():
+        found = hf_tensor_kind(name, arch)
+        if found is None:
+            continue
+        kind, layer, suffix = found
+        if (layer is None) != (kind not in LAYER_TENSORS) or layer is not None and layer >= n_layer:
+            raise QtoolError(f"tensor {name}: layer {layer} does not exist (config.json: num_hidden_layers "
+                             f"{n_layer})")
+        if kind in (M.TOKEN_EMBD, M.OUTPUT) and dims["vocab"] is None and len(shape) == 2:
+            dims["vocab"] = shape[0]  # no vocab_size: the first embedding decides, the other must agree
+        want = HF_SHAPES[kind] if suffix == "weight" else HF_SHAPES[kind][:1]
+        expected = [dims[d] for d in want]
+        if list(shape) != expected:
+            source["vocab"] = (f"vocab_size {dims['vocab']}" if config.get("vocab_size") is not None
+                               else f"the other embedding's {dims['vocab']} rows")
+            given = ", ".join(source[d] for d in dict.fromkeys(want))
+            raise QtoolError(f"tensor {name} has shape {list(shape)}, config.json gives {expected} ({given})")
+        if suffix == "weight":
+            seen.add((kind, layer))
+    missing = [tensor_name(k) for k in MODEL_TENSORS if (k, None) not in seen]
+    missing += [tensor_name(k, b) for b in range(n_layer) for k in LAYER_TENSORS if (k, b) not in seen]
+    if missing:
+        raise QtoolError(f"no weight for {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
+                         f" among the checkpoint's tensors (config.json: num_hidden_layers {n_layer})")
+
+
+def check_checkpoint(config: Any, shapes: Mapping[str, tuple[int, ...]]) -> Arch:
+    """The architecture record of a checkpoint whose config and tensor shapes are consistent."""
+    if not isinstance(config, dict):
+        raise QtoolError(f"config.json is {type(config).__name__}, not a JSON object")
+    _, arch = arch_for(config)
+    check_config(arch, config)
+    check_tensors(arch, config, shapes)
+    return arch
 
 
 # present in some checkpoints, recomputed by llama.cpp

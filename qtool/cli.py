@@ -66,6 +66,12 @@ def convert(
                                               help="Use the importance matrix only for tensors matching (repeatable)"),
     exclude_weights: list[str] = typer.Option([], "--exclude-weights",
                                               help="Do not use the importance matrix for tensors matching (repeatable)"),
+    calibrate: Optional[str] = typer.Option(None, "--calibrate",
+                                            help="Compute the importance matrix from this text first ('default': "
+                                                 "the text qtool ships); never the evaluation text"),
+    calibrate_ctx: int = typer.Option(512, "--calibrate-ctx", help="Calibration chunk length (llama-imatrix -c)"),
+    calibrate_chunks: Optional[int] = typer.Option(None, "--calibrate-chunks", help="At most this many chunks"),
+    save_imatrix: Optional[Path] = typer.Option(None, "--save-imatrix", help="Also write the computed matrix here"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ) -> None:
     """Convert a checkpoint (or requantize a GGUF file) to one GGUF file, with llama-quantize's recipes."""
@@ -73,12 +79,23 @@ def convert(
     from qtool import recipes
 
     t0 = time.perf_counter()
-    if (include_weights or exclude_weights) and not imatrix:
-        raise UsageError("--include-weights and --exclude-weights need --imatrix")
+    for option, path in (("-o", output), ("--save-imatrix", save_imatrix)):
+        _check_output(option, path)
+    if imatrix and calibrate:
+        raise UsageError("--imatrix and --calibrate: give one (a file, or a text to compute it from)")
+    if save_imatrix and not calibrate:
+        raise UsageError("--save-imatrix needs --calibrate")
+    if (include_weights or exclude_weights) and not (imatrix or calibrate):
+        raise UsageError("--include-weights and --exclude-weights need --imatrix or --calibrate")
+    if calibrate_ctx < 1 or (calibrate_chunks is not None and calibrate_chunks < 1):
+        raise UsageError("--calibrate-ctx and --calibrate-chunks must be at least 1")
     imatrix_data = None
-    if imatrix:
+    if imatrix or calibrate:
         from qtool import importance
+    if imatrix:
         imatrix_data = importance.read(imatrix)
+    elif calibrate:
+        imatrix_data, imatrix = _calibrate(src, calibrate, calibrate_ctx, calibrate_chunks, save_imatrix, quiet)
     opts = recipes.RecipeOptions(
         pure=pure, leave_output_tensor=leave_output_tensor, has_imatrix=imatrix_data is not None,
         output_tensor_type=recipes.parse_ggml_type(output_tensor_type) if output_tensor_type else None,
@@ -93,7 +110,8 @@ def convert(
         if src_path.exists() and out.exists() and any(out.resolve() == p.resolve() for p in
                                                          ([src_path] if src_path.is_file() else src_path.iterdir())):
             raise QtoolError(f"{out}: refusing to overwrite an input file")
-        for w in plan.warnings:
+        _check_output("-o", out)  # the default name is known only now
+        for w in plan.warnings + _remove_stale(out):
             if not quiet:
                 print(f"qtool: warning: {w}", file=sys.stderr)
         show_progress = not quiet and sys.stderr.isatty()
@@ -117,6 +135,45 @@ def convert(
                   f"{plan.type_name}{extra}, {secs:.1f} s")
     finally:
         plan.close()
+
+
+def _check_output(option: str, path: Optional[Path]) -> None:
+    """A directory (or "", which arrives as ".") as an output is a usage error before any work is done."""
+    from qtool.formats.gguf_writer import output_problem
+    problem = output_problem(path) if path is not None else None
+    if problem:
+        raise UsageError(f"{option} {problem}")
+
+
+def _remove_stale(out: Path) -> list[str]:
+    """Temporary files a killed run left beside the output, removed, as warnings to print."""
+    from qtool.formats.gguf_writer import remove_stale_partials
+    return [f"removed {p}, a temporary file left by an interrupted run"
+            for p in remove_stale_partials(out.parent if str(out.parent) else Path("."))]
+
+
+def _calibrate(src: str, text_arg: str, n_ctx: int, max_chunks: int | None, save: Path | None, quiet: bool):
+    """The importance matrix of `src` on the calibration text (qtool/calibrate.py), and the name the file's
+    quantize.imatrix.file records: the saved file, or the text it came from."""
+    from qtool import calibrate as cal
+    from qtool.formats.imatrix import write_imatrix
+    text, dataset = cal.calibration_text(text_arg)
+    if save is not None and Path(src).exists() and save.exists() and save.resolve() == Path(src).resolve():
+        raise QtoolError(f"{save}: refusing to overwrite the model")
+    if not quiet and sys.stderr.isatty():
+        from rich.progress import Progress
+        with Progress(transient=True) as bar:
+            task = bar.add_task("calibrating", total=None)
+            r = cal.importance_matrix(src, text, dataset, n_ctx, max_chunks,
+                                      lambda done, total: bar.update(task, completed=done, total=total))
+    else:
+        r = cal.importance_matrix(src, text, dataset, n_ctx, max_chunks)
+    if not quiet:
+        print(f"qtool: importance matrix from {r.n_chunks} chunks of {n_ctx} tokens of {dataset} "
+              f"({r.tokens_per_s:.0f} tokens/s)", file=sys.stderr)
+    if save is not None:
+        write_imatrix(save, r.data)
+    return r.data, str(save) if save is not None else dataset
 
 
 def _job_bytes(job) -> int:

@@ -26,6 +26,8 @@ def imatrix(
 ) -> None:
     """Collect the importance matrix (per weight column Σx², Σx and token counts) into a file llama-quantize
     and `qtool convert --imatrix` read."""
+    from qtool.cli import _check_output, _remove_stale  # cli is loaded: it registers this command
+    _check_output("-o", output)
     if ctx < 1:
         raise UsageError(f"--ctx {ctx}: the chunk length must be at least 1 token")
     if chunks is not None and chunks < 1:
@@ -54,6 +56,9 @@ def imatrix(
                                                                              rate=f"{tps:.0f} tokens/s"))
     finally:
         model.close()
+    for w in _remove_stale(output):
+        if not quiet:
+            print(f"qtool: warning: {w}", file=sys.stderr)
     size = write_imatrix(output, r.data)
     d = {"output": str(output), "bytes": size, **r.as_dict()}
     if as_json:

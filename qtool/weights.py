@@ -152,11 +152,15 @@ class ObservedWeight:
         return getattr(self.inner, attr)
 
 
+def observed_layer(L: LayerWeights, observer: Callable[[str, np.ndarray], None]):
+    """A copy of the record L (a layer, or ModelWeights' own fields) whose matrices report each product's input
+    to `observer`."""
+    from dataclasses import fields, replace
+    return replace(L, **{f.name: ObservedWeight(getattr(L, f.name), observer) for f in fields(L)
+                         if isinstance(getattr(L, f.name), Weight)})
+
+
 def observed(w: ModelWeights, observer: Callable[[str, np.ndarray], None]) -> ModelWeights:
     """A copy of `w` whose matrices report each product's input to `observer` (the original is untouched)."""
-    from dataclasses import fields, replace
-
-    def wrap(rec):
-        return replace(rec, **{f.name: ObservedWeight(getattr(rec, f.name), observer) for f in fields(rec)
-                               if isinstance(getattr(rec, f.name), Weight)})
-    return replace(wrap(w), layers=[wrap(L) for L in w.layers])
+    from dataclasses import replace
+    return replace(observed_layer(w, observer), layers=[observed_layer(L, observer) for L in w.layers])
