@@ -156,7 +156,7 @@ class Act:
             T, K = self.q.shape
             bs = ACT_BLOCK[self.kind]
             nb = K // bs
-            lanes = mv.n_lanes(nb)
+            lanes = mv.n_lanes(nb, mv.MAX_LANES)  # at least every weight's padding: kernels read up to theirs
 
             def pad(a, inner, dtype=np.float32):
                 out = np.zeros((T, inner, lanes), dtype)
@@ -201,7 +201,7 @@ class Weight:
         if ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
             self.data, self.planes = data, None
         else:
-            self.data, self.planes = None, mv.to_planes(data, info.type_size)
+            self.data, self.planes = None, mv.to_planes(data, info.type_size, TRAITS[ggml_type].lanes)
 
     @property
     def nbytes(self) -> int:

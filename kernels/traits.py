@@ -29,6 +29,7 @@ class Traits:
     codec: str | None  # module here with quantize(x, out) and dequantize(q, out); None: float types (convert.py)
     fused: str | None = None  # "module.function" of its decode kernel (matvec.py, or the codec's module)
     int16_vectors: bool = False  # the fused kernel's vectors sized by its int16 work (see matvec.py)
+    lanes: int = 8  # blocks its row is padded to a multiple of: 16 where the vector loop takes 16 (see matvec.py)
     tile: str | None = None  # "module.function" dequantizing stored rows for the prompt path; default the codec's
     kernels: tuple[str, str] = ("quantize", "dequantize")  # the codec's functions for this type
     weighted: str | None = None  # the codec's quantize(x, out, quant_weights) with an importance matrix; None: none
@@ -87,10 +88,10 @@ def _row(t: GGMLType, vec_dot: str | None, codec: str | None, fields: dict[str, 
 
 
 
-def _legacy(t: GGMLType, vec_dot: str, fields: dict[str, int]) -> Traits:
+def _legacy(t: GGMLType, vec_dot: str, fields: dict[str, int], lanes: int = 8) -> Traits:
     # the four legacy types share one codec module, legacy.py, with a kernel pair each
     name = t.name.lower()
-    return Traits(t, fields, vec_dot, "legacy", fused=f"matvec.mv_{name}", int16_vectors=True,
+    return Traits(t, fields, vec_dot, "legacy", fused=f"matvec.mv_{name}", int16_vectors=True, lanes=lanes,
                   kernels=(f"quantize_{name}", f"dequantize_{name}"), weighted=f"quantize_{name}_weighted")
 
 
@@ -99,18 +100,18 @@ TRAITS: dict[GGMLType, Traits] = {r.ggml_type: r for r in (
     _row(T.F32, "f32", None, {}, tile="floats.deq_f32"),
     _row(T.F16, "f16", None, {}, fused="matvec.mv_f16", tile="floats.deq_f16"),
     _row(T.BF16, "bf16", None, {}, fused="matvec.mv_bf16", tile="floats.deq_bf16"),
-    _row(T.Q8_0, "q8_0", "q8_0", {"d": 0, "qs": 2}, fused="matvec.mv_q8_0", int16_vectors=True,
+    _row(T.Q8_0, "q8_0", "q8_0", {"d": 0, "qs": 2}, fused="matvec.mv_q8_0", int16_vectors=True, lanes=16,
          weighted="quantize_weighted"),
-    _legacy(T.Q4_0, "q8_0", {"d": 0, "qs": 2}),
-    _legacy(T.Q4_1, "q8_1", {"d": 0, "m": 2, "qs": 4}),
+    _legacy(T.Q4_0, "q8_0", {"d": 0, "qs": 2}, lanes=16),
+    _legacy(T.Q4_1, "q8_1", {"d": 0, "m": 2, "qs": 4}, lanes=16),
     _legacy(T.Q5_0, "q8_0", {"d": 0, "qh": 2, "qs": 6}),
     _legacy(T.Q5_1, "q8_1", {"d": 0, "m": 2, "qh": 4, "qs": 8}),
     _row(T.Q2_K, "q8_k", "q2_k", {"scales": 0, "qs": 16, "d": 80, "dmin": 82}, fused="matvec.mv_q2_k",
-         weighted="quantize_weighted"),
+         lanes=16, weighted="quantize_weighted"),
     _row(T.Q3_K, "q8_k", "q3_k", {"hmask": 0, "qs": 32, "scales": 96, "d": 108}, fused="matvec.mv_q3_k",
          weighted="quantize_weighted"),
     _row(T.Q4_K, "q8_k", "kquant_k4", {"d": 0, "dmin": 2, "scales": 4, "qs": 16}, fused="matvec.mv_q4_k",
-         kernels=("quantize_q4_k", "dequantize_q4_k"), weighted="quantize_q4_k_weighted"),
+         lanes=16, kernels=("quantize_q4_k", "dequantize_q4_k"), weighted="quantize_q4_k_weighted"),
     _row(T.Q5_K, "q8_k", "kquant_k4", {"d": 0, "dmin": 2, "scales": 4, "qh": 16, "qs": 48}, fused="matvec.mv_q5_k",
          kernels=("quantize_q5_k", "dequantize_q5_k"), weighted="quantize_q5_k_weighted"),
     _row(T.Q6_K, "q8_k", "q6_k", {"ql": 0, "qh": 128, "scales": 192, "d": 208}, fused="matvec.mv_q6_k",
@@ -121,9 +122,9 @@ TRAITS: dict[GGMLType, Traits] = {r.ggml_type: r for r in (
          kernels=("quantize_iq3_s", "dequantize_iq3_s"), weighted="quantize_iq3_s_weighted"),
     # ternary (BitNet b1.58): a scale per 256 and trits; llama.cpp's quantizers ignore an imatrix
     _row(T.TQ1_0, "q8_k", "ternary", {"qs": 0, "qh": 48, "d": 52}, fused="ternary.mv_tq1_0",
-         kernels=("quantize_tq1_0", "dequantize_tq1_0"), ignores_imatrix=True),
+         lanes=16, kernels=("quantize_tq1_0", "dequantize_tq1_0"), ignores_imatrix=True),
     _row(T.TQ2_0, "q8_k", "ternary", {"qs": 0, "d": 64}, fused="ternary.mv_tq2_0",
-         kernels=("quantize_tq2_0", "dequantize_tq2_0"), ignores_imatrix=True),
+         lanes=16, kernels=("quantize_tq2_0", "dequantize_tq2_0"), ignores_imatrix=True),
     _row(T.IQ4_NL, "q8_0", "iq4", {"d": 0, "qs": 2}, fused="iq4.mv_iq4_nl", int16_vectors=True,
          kernels=("quantize_iq4_nl", "dequantize_iq4_nl"), weighted="quantize_iq4_nl_weighted"),
     _row(T.IQ4_XS, "q8_k", "iq4", {"d": 0, "scales_h": 2, "scales_l": 4, "qs": 8}, fused="iq4.mv_iq4_xs",
