@@ -593,4 +593,4 @@ def check_imatrix(ftype_name: str, plans: list[TensorPlan], opts: RecipeOptions)
         p = by_name[name]
         if p.quantizable and (requires_imatrix(p.name, p.ggml_type) or p.ggml_type in GGML_NEEDS_IMATRIX):
             raise Refused(f"{ftype_name.upper()}: {p.name} would be {p.ggml_type.name}, which needs an importance "
-                          "matrix (--imatrix)")
+                          "matrix (--imatrix or --calibrate)")
