@@ -6,7 +6,7 @@ QTOOL := $(PYTHON) -m qtool
 SAMPLE := examples/stories260K
 OUT := build
 
-.PHONY: install install-dev test demo bench clean
+.PHONY: install install-dev test demo bench fuzz clean
 
 install:  ## qtool and its runtime dependencies
 	$(PIP) install -q -e .
@@ -32,6 +32,16 @@ demo: install
 
 bench: install-dev
 	$(PYTHON) scripts/bench_convert.py
+
+# the long fuzz runs (a short deterministic one is part of `make test`): FUZZ_GGUF byte mutants of the sample's
+# F32 file through the reader, inspect and run; FUZZ_CKPT mutated checkpoint folders through convert
+FUZZ_GGUF ?= 100000
+FUZZ_CKPT ?= 1000
+fuzz: install-dev
+	@mkdir -p $(OUT)
+	$(QTOOL) convert $(SAMPLE) -o $(OUT)/stories260K.F32.gguf --type F32 --quiet
+	$(PYTHON) tests/fuzz/gguf_fuzz.py $(OUT)/stories260K.F32.gguf $(FUZZ_GGUF)
+	$(PYTHON) tests/fuzz/checkpoint_fuzz.py $(FUZZ_CKPT)
 
 clean:
 	rm -rf $(OUT) bench-out

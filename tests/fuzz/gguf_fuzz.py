@@ -1,0 +1,104 @@
+"""The long GGUF fuzz run (for `make fuzz`): `python tests/fuzz/gguf_fuzz.py BASE.gguf [N] [SEED]`.
+
+Every semantic and tensor-info mutant of BASE, then N byte mutants (bit flips in the header, truncations, huge
+counts), each written to a file and opened by the reader in-process; each one the reader accepts goes through
+`inspect --meta --tensors`, and every 10th of those through `run -n 1`. Prints one row per outcome: refused by
+the reader (a one-line QtoolError), opened, one-line command errors, tracebacks (by exception and place, with the
+first mutant that raised it), hangs (over 30 s) and bad error output. Exit 1 unless the bad outcomes are zero.
+"""
+from __future__ import annotations
+
+import collections
+import signal
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TESTS))
+
+from fuzz.gguf_mutants import Model, byte_mutants, semantic_mutants, tensor_mutants  # noqa: E402
+from fuzz.harness import run_cli  # noqa: E402
+
+GOOD = ("refused by the reader", "opened", "command ran", "one-line command errors")
+RUN_EVERY = 10  # `run` loads the model and compiles nothing new, but costs ~100x `inspect`
+
+
+class Hang(Exception):
+    pass
+
+
+def _hang(signum, frame):
+    raise Hang
+
+
+def _command(counts, first, label, args) -> None:
+    signal.alarm(30)
+    try:
+        code, _, err = run_cli(*args)
+        lines = err.strip().splitlines()
+        ok_error = code in (1, 2) and lines and lines[-1].startswith("qtool: error: ")
+        kind = "command ran" if code == 0 else "one-line command errors" if ok_error else "bad error output"
+    except Hang:
+        kind = "hangs"
+    except BaseException as e:  # noqa: BLE001 - any escape is a traceback a user would see
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        kind = f"traceback {type(e).__name__} {Path(where.filename).name}:{where.lineno}"
+    finally:
+        signal.alarm(0)
+    counts[kind] += 1
+    first.setdefault(kind, f"{label} ({args[0]})")
+
+
+def main(base_path: Path, n: int = 100_000, seed: int = 0) -> int:
+    from qtool.errors import QtoolError
+    from qtool.formats.gguf_reader import GGUFFile
+
+    base = Model(base_path)
+    data = base_path.read_bytes()
+    counts: collections.Counter[str] = collections.Counter()
+    first: dict[str, str] = {}
+    signal.signal(signal.SIGALRM, _hang)
+    total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "fuzz.gguf"
+        opened = 0
+        cases = (*semantic_mutants(base), *tensor_mutants(base))
+        for label, blob in (*cases, *byte_mutants(data, n, seed)):
+            total += 1
+            p.write_bytes(blob)
+            signal.alarm(30)
+            try:
+                GGUFFile(p).close()
+                kind = "opened"
+            except QtoolError as e:
+                kind = "refused by the reader" if "\n" not in str(e) else "bad error output"
+            except Hang:
+                kind = "hangs"
+            except BaseException as e:  # noqa: BLE001
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                kind = f"traceback {type(e).__name__} {Path(where.filename).name}:{where.lineno}"
+            finally:
+                signal.alarm(0)
+            counts[kind] += 1
+            first.setdefault(kind, label)
+            if kind != "opened":
+                continue
+            _command(counts, first, label, ["inspect", p, "--meta", "--tensors"])
+            if opened % RUN_EVERY == 0:
+                _command(counts, first, label, ["run", p, "-p", "Once", "-n", "1", "--temp", "0"])
+            opened += 1
+    print(f"{'outcome':<56} {'count':>8}  first mutant")
+    for kind, c in sorted(counts.items()):
+        print(f"{kind:<56} {c:>8}  {first[kind] if kind not in GOOD else ''}")
+    bad = sum(c for k, c in counts.items() if k not in GOOD)
+    print(f"{total} GGUF cases ({n} byte mutants, seed {seed}): {bad} tracebacks, hangs or bad errors")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args:
+        sys.exit(__doc__.splitlines()[0])
+    sys.exit(main(Path(args[0]), int(args[1]) if len(args) > 1 else 100_000, int(args[2]) if len(args) > 2 else 0))
