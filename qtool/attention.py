@@ -23,22 +23,8 @@ from qtool.kernels import attention as ka
 from qtool.kernels import matmul as mm
 
 KV_TYPES = tuple(KV_CACHE_TYPES)
-QK8_0 = 32  # values per Q8_0 block (one fp16 scale each)
 # flash attention's tiles: queries and keys per step; scores take n_head * Q_TILE * KV_TILE float32s
 Q_TILE, KV_TILE = 256, 512
-
-
-def _quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q8_0 along the last axis, as ggml's quantize_row_q8_0 (AVX rounding: 127/amax, half to even): int8 codes
-    and fp16 scales per 32 (the layout the decode kernel reads)."""
-    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    codes = np.empty(rows.shape, np.float32)
-    scales = np.empty((rows.shape[0], rows.shape[1] // QK8_0), np.float32)
-    sums = np.empty_like(scales)  # Q8_1's extra, not kept
-    mm.quantize_act_q8_0(rows, codes, scales, sums)
-    # codes are integers in [-127, 127] and scales already rounded to fp16: both casts are exact
-    return (codes.astype(np.int8).reshape(x.shape),
-            scales.astype(np.float16).reshape(*x.shape[:-1], x.shape[-1] // QK8_0))
 
 
 def _value_bytes(kv_type: str) -> float:

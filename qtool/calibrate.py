@@ -60,7 +60,8 @@ class _PlanTensors:
             from qtool.convert import encode
             job = self.jobs[name]
             stored = job.load()
-            a = self._arrays[name] = np.array(encode(stored, GGMLType.F32, name), copy=True)
+            # a fresh scratch per call (encode's default), so the array is this tensor's own
+            a = self._arrays[name] = encode(stored, GGMLType.F32, name)
             stored.release()
         return a
 
