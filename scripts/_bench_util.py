@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 MB = 1_000_000
+CACHE = Path("~/.cache/qtool-bench").expanduser()
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 @dataclass
@@ -146,3 +150,52 @@ def _numeric(s: str) -> bool:
         return True
     except ValueError:
         return s in ("", "-", "n/a")
+
+
+def llama_tool(name: str) -> Path:
+    """The path of one of llama.cpp's tools (llama-imatrix, llama-quantize, llama-perplexity, llama-bench)."""
+    env = os.environ.get("LLAMA_CPP_BIN")
+    if env and (Path(env) / name).is_file():
+        return Path(env) / name
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    build = CACHE / "llama-build"
+    tool = build / "bin" / name
+    if tool.is_file():
+        return tool
+    src = _vendored_llama_cpp()
+    print(f"building {name} from {src} into {build} (once) ...", flush=True)
+    flags = [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                    "-DBUILD_SHARED_LIBS=OFF", *flags], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", name], check=True,
+                   stdout=subprocess.DEVNULL)
+    return tool
+
+
+def _vendored_llama_cpp() -> Path:
+    """llama.cpp's source tree as vendored by the installed llama-cpp-python (its sdist, unpacked once)."""
+    import importlib.metadata
+    version = importlib.metadata.version("llama-cpp-python")
+    tree = CACHE / f"llama-cpp-python-{version}-src"
+    if (tree / "CMakeLists.txt").is_file():
+        return tree
+    sdists = CACHE / "sdist"
+    sdists.mkdir(parents=True, exist_ok=True)
+    tar_path = sdists / f"llama_cpp_python-{version}.tar.gz"
+    if not tar_path.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", str(sdists)], check=True)
+    tmp = tree.with_name(tree.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(tar_path) as tar:
+        members = []
+        for m in tar.getmembers():
+            parts = m.name.split("/vendor/llama.cpp/", 1)
+            if len(parts) == 2 and (m.isfile() or m.isdir()):
+                m.name = parts[1]
+                members.append(m)
+        tar.extractall(tmp, members=members, filter="data")
+    tmp.rename(tree)
+    return tree
