@@ -81,6 +81,36 @@ def test_perplexity_and_kl_divergence_equal_llama_perplexity(model, type_name, k
     assert 0 < r.kl_mean < r.kl_p99 and 0.8 < r.top1_agreement < 1.0
 
 
+def imatrix_anchor_row(type_name: str) -> dict[str, float]:
+    """llama-perplexity's PPL and mean KLD for a preset made with llama-imatrix's own stories3M matrix."""
+    path = SHARED / "reference" / "llama-cpp-imatrix-on-stories3M.md"
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = next(c for c in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)
+                 if c[:2] == [type_name, "yes"])
+    return {"ppl": float(cells[header.index("PPL")]), "kld": float(cells[header.index("mean KLD")])}
+
+
+# one type of each codebook family (the 4-bit grid and the 3- and 2-bit lattices); scripts/bench_quality.py
+# measures every type beside llama-perplexity (README table)
+@pytest.mark.parametrize("type_name", ["IQ3_S", "IQ2_XXS"])
+def test_iq_kl_divergence_with_the_imatrix_equals_llama_perplexity(type_name, converted, f32_reference, eval_text,
+                                                                   tmp_path):
+    want = imatrix_anchor_row(type_name)
+    out = tmp_path / f"{type_name}.gguf"
+    qtool("convert", converted("stories3M", "F32"), "-o", out, "--type", type_name, "--imatrix",
+          SHARED / "reference" / "stories3M.imatrix.gguf", "-q", check=True)
+    m = Model(out, n_ctx=256)
+    try:
+        r = perplexity.run(m, eval_text, 256, reference=f32_reference("stories3M"))
+    finally:
+        m.close()
+    assert r.perplexity == pytest.approx(want["ppl"], rel=1e-3)
+    assert r.kl_mean == pytest.approx(want["kld"], rel=0.01)
+
+
 PURE_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"]
 # the non-uniform, lattice and ternary types, quantized with llama-imatrix's own importance matrix of stories3M
 # (the 1- and 2-bit ones refuse to quantize without one, as llama.cpp does)
