@@ -319,6 +319,8 @@ class ModelTensor(IntEnum):
     FFN_GATE_EXP = auto()
     FFN_UP_EXP = auto()
     FFN_DOWN_EXP = auto()
+    ATTN_SUB_NORM = auto()  # bitnet: RMSNorm of the attention output, before attn_output
+    FFN_SUB_NORM = auto()  # bitnet: RMSNorm of gate * up, before ffn_down
 
 
 TENSOR_NAMES: dict[ModelTensor, str] = {
@@ -339,6 +341,8 @@ TENSOR_NAMES: dict[ModelTensor, str] = {
     ModelTensor.FFN_GATE_EXP: "blk.{bid}.ffn_gate_exps",
     ModelTensor.FFN_UP_EXP: "blk.{bid}.ffn_up_exps",
     ModelTensor.FFN_DOWN_EXP: "blk.{bid}.ffn_down_exps",
+    ModelTensor.ATTN_SUB_NORM: "blk.{bid}.attn_sub_norm",
+    ModelTensor.FFN_SUB_NORM: "blk.{bid}.ffn_sub_norm",
 }
 
 

@@ -59,6 +59,8 @@ class HParam:
         """value() as the key's type: a positive integer up to MAX_HPARAM, or a finite positive float (an eps
         or RoPE base of 0, NaN or inf gives a file that runs to garbage)."""
         v = self.value(config)
+        if self.vtype == ValueType.STRING:  # a constant the converter writes (bitnet's rope scaling type)
+            return v
         name = self.hf[0] if self.hf else self.key
         if self.vtype == F32:
             return _positive_float(v, f"config.json: {name}")
@@ -145,6 +147,16 @@ LLAMA_HF_TENSORS: dict[str, ModelTensor] = {
 }
 LLAMA_TENSORS = frozenset({M.TOKEN_EMBD, M.OUTPUT_NORM, M.OUTPUT, M.ROPE_FREQS, M.ATTN_NORM, M.ATTN_Q, M.ATTN_K,
                            M.ATTN_V, M.ATTN_OUT, M.FFN_NORM, M.FFN_GATE, M.FFN_UP, M.FFN_DOWN})
+# BitNet b1.58: transformers' BitNetForCausalLM names the sub-norms attn_sub_norm / ffn_sub_norm, the original
+# 1bitLLM checkpoints (the names in llama.cpp's tensor_mapping.py) inner_attn_ln / ffn_layernorm
+BITNET_HF_TENSORS: dict[str, ModelTensor] = {
+    **LLAMA_HF_TENSORS,
+    "model.layers.{bid}.self_attn.attn_sub_norm": M.ATTN_SUB_NORM,
+    "model.layers.{bid}.self_attn.inner_attn_ln": M.ATTN_SUB_NORM,
+    "model.layers.{bid}.mlp.ffn_sub_norm": M.FFN_SUB_NORM,
+    "model.layers.{bid}.mlp.ffn_layernorm": M.FFN_SUB_NORM,
+}
+PROJECTIONS = frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.ATTN_OUT, M.FFN_GATE, M.FFN_UP, M.FFN_DOWN})
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,8 @@ class Arch:
     biases: frozenset[ModelTensor]  # which of them may carry a ".bias" (a checkpoint bias elsewhere is refused)
     hf_tensors: Mapping[str, ModelTensor]  # checkpoint name stem ("model.layers.{bid}.mlp.up_proj") → kind
     space_prefix: bool = False  # writes tokenizer_config's add_prefix_space (llama.cpp's LlamaModel.set_vocab)
+    sub_norms: tuple[ModelTensor, ...] = ()  # per-layer norms its graph also requires (bitnet's)
+    ternary: frozenset[ModelTensor] = frozenset()  # weights the converter rounds to mean|w| × {-1, 0, 1}
 
 
 ARCHS: dict[str, Arch] = {a.gguf_name: a for a in (
@@ -173,6 +187,17 @@ ARCHS: dict[str, Arch] = {a.gguf_name: a for a in (
          rope_mode="neox", permute_qk=False, tensors=LLAMA_TENSORS - {M.ROPE_FREQS},
          biases=frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V}),  # always present
          hf_tensors=LLAMA_HF_TENSORS),
+    # llama.cpp's graph reads token_embd as the output (no output.weight: an untied lm_head is refused), computes
+    # SiLU whatever config.json's hidden_act says (check_config refuses another), and its converter (BitnetModel)
+    # writes TextModel's keys plus a linear RoPE scaling of 1
+    Arch("bitnet", ("BitnetForCausalLM", "BitNetForCausalLM"),
+         hparams=_text_model(head_dim_default=OPTIONAL) + (
+             HParam(K.Rope.SCALING_TYPE, ValueType.STRING, default="linear"),
+             HParam(K.Rope.SCALING_FACTOR, F32, default=1.0)),
+         rope_mode="neox", permute_qk=False, tensors=LLAMA_TENSORS - {M.ROPE_FREQS, M.OUTPUT} | {
+             M.ATTN_SUB_NORM, M.FFN_SUB_NORM},
+         biases=frozenset(), hf_tensors=BITNET_HF_TENSORS, sub_norms=(M.ATTN_SUB_NORM, M.FFN_SUB_NORM),
+         ternary=PROJECTIONS),
 )}
 BY_HF_CLASS: dict[str, Arch] = {c: a for a in ARCHS.values() for c in a.hf_classes}
 
@@ -212,6 +237,7 @@ def hparam_metadata(arch: Arch, config: Mapping[str, Any], given: Mapping[str, A
 MAX_VOCAB = 1 << 24  # 64× the largest vocabulary in use: the token list is padded to vocab_size in memory
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 _OBJECTS = ("rope_scaling", "rope_parameters", "text_config")
+GRAPH_ACTIVATIONS = ("silu", "swish")  # transformers' names of the feed-forward activation llama.cpp's graphs use
 
 
 def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
@@ -223,6 +249,10 @@ def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
     for field in _BOOLS:
         if config.get(field) is not None and not isinstance(config[field], bool):
             raise QtoolError(f"config.json: {field} is {_shown(config[field])}, not true or false")
+    act = config.get("hidden_act")
+    if act is not None and act not in GRAPH_ACTIVATIONS:  # llama.cpp would run the file with SiLU all the same
+        raise QtoolError(f"config.json: hidden_act is {_shown(act)}; llama.cpp's {arch.gguf_name} graph computes "
+                         "SiLU (silu), so the converted file would give wrong results")
     for hp in arch.hparams:
         if hp.default is GIVEN or hp.default is OPTIONAL and _config_value(config, hp.hf) is None:
             continue
@@ -268,6 +298,7 @@ HF_SHAPES: dict[ModelTensor, tuple[str, ...]] = {
     M.ATTN_NORM: ("hidden",), M.FFN_NORM: ("hidden",),
     M.ATTN_Q: ("q", "hidden"), M.ATTN_K: ("kv", "hidden"), M.ATTN_V: ("kv", "hidden"), M.ATTN_OUT: ("hidden", "q"),
     M.FFN_GATE: ("ff", "hidden"), M.FFN_UP: ("ff", "hidden"), M.FFN_DOWN: ("hidden", "ff"),
+    M.ATTN_SUB_NORM: ("hidden",), M.FFN_SUB_NORM: ("ff",),
 }
 # what every layer and the model must have for llama.cpp to load the file (lm_head is optional: tied embeddings)
 LAYER_TENSORS = (M.ATTN_NORM, M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.ATTN_OUT, M.FFN_NORM, M.FFN_GATE, M.FFN_UP, M.FFN_DOWN)
@@ -291,7 +322,7 @@ def check_tensors(arch: Arch, config: Mapping[str, Any], shapes: Mapping[str, tu
         if found is None:
             continue
         kind, layer, suffix = found
-        if (layer is None) != (kind not in LAYER_TENSORS) or layer is not None and layer >= n_layer:
+        if (layer is None) != (kind not in LAYER_TENSORS + arch.sub_norms) or layer is not None and layer >= n_layer:
             raise QtoolError(f"tensor {name}: layer {layer} does not exist (config.json: num_hidden_layers "
                              f"{n_layer})")
         if kind in (M.TOKEN_EMBD, M.OUTPUT) and dims["vocab"] is None and len(shape) == 2:
@@ -306,7 +337,8 @@ def check_tensors(arch: Arch, config: Mapping[str, Any], shapes: Mapping[str, tu
         if suffix == "weight":
             seen.add((kind, layer))
     missing = [tensor_name(k) for k in MODEL_TENSORS if (k, None) not in seen]
-    missing += [tensor_name(k, b) for b in range(n_layer) for k in LAYER_TENSORS if (k, b) not in seen]
+    missing += [tensor_name(k, b) for b in range(n_layer) for k in LAYER_TENSORS + arch.sub_norms
+                if (k, b) not in seen]
     if missing:
         raise QtoolError(f"no weight for {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
                          f" among the checkpoint's tensors (config.json: num_hidden_layers {n_layer})")
@@ -335,7 +367,10 @@ def hf_tensor_kind(hf_name: str, arch: Arch) -> tuple[ModelTensor, int | None, s
     m = _LAYER.search(stem + ".")
     key = (stem[:m.start()] + ".{bid}." + stem[m.end():] if m else stem).rstrip(".")
     kind = arch.hf_tensors.get(key)
-    if (kind is None or kind not in arch.tensors or suffix not in ("weight", "bias")
+    if kind is not None and kind not in arch.tensors:  # e.g. bitnet's lm_head: its graph reads token_embd instead
+        raise QtoolError(f"tensor {hf_name} has no GGUF equivalent: llama.cpp's {arch.gguf_name} graph reads no "
+                         f"{tensor_name(kind, 0 if '{bid}' in key else None, '')}")
+    if (kind is None or suffix not in ("weight", "bias")
             or suffix == "bias" and kind not in arch.biases):
         raise QtoolError(f"tensor {hf_name} has no GGUF equivalent in qtool's name table")
     return kind, int(m.group(1)) if m else None, suffix

@@ -89,6 +89,21 @@ def _llama3_rope_factors(config: dict, head_dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
+def _ternary(values: np.ndarray, dtype: str) -> np.ndarray:
+    """llama.cpp's BitnetModel.weight_quant: round(w / s) clamped to [-1, 1], times s = mean|w| (at least 1e-5),
+    in float32, back in the stored dtype. A checkpoint already in that form (±s, no zeros) is unchanged."""
+    w = values.astype(np.float32) if dtype != "BF16" else (values.astype(np.uint32) << 16).view(np.float32)
+    scale = np.float32(max(np.abs(w).astype(np.float64).mean(), 1e-5))
+    iscale = np.float32(1) / scale
+    q = (np.clip(np.round(w * iscale), -1, 1) / iscale).astype(np.float32)
+    if dtype == "F32":
+        return q
+    if dtype == "F16":
+        return q.astype(np.float16)
+    bits = q.view(np.uint32)  # BF16: round to nearest even, as torch's .type(bfloat16)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
 def plan(src: str, type_name: str, opts: RecipeOptions = RecipeOptions(), allow_requantize: bool = False) -> Plan:
     """Everything about the output file except the tensor data."""
     key = type_name.upper()
@@ -147,10 +162,13 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
         kind, _, suffix = found
         heads = {ModelTensor.ATTN_Q: n_head, ModelTensor.ATTN_K: n_head_kv}.get(kind, 0)
         permute = arch.permute_qk and heads > 0 and suffix == "weight"
+        ternary = kind in arch.ternary and suffix == "weight"
 
-        def load(hf_name=hf_name, heads=heads, permute=permute):
+        def load(hf_name=hf_name, heads=heads, permute=permute, ternary=ternary):
             values, dtype = ckpt.stored(hf_name)
             rows = archs.permute_qk(np.arange(values.shape[0]), heads) if permute else None
+            if ternary:
+                values = _ternary(values, dtype)
             return Stored(values, dtype, rows, lambda: ckpt.release(hf_name))
 
         jobs.append(TensorJob(name, ckpt.shape(hf_name), GGMLType.F32, load))

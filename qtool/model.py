@@ -9,6 +9,8 @@ It follows llama.cpp's graph (src/models/llama.cpp, qwen2.cpp) and CPU math:
   does, divided by `rope_freqs` (Llama 3 scaling) when the file has it, times 1/factor for linear scaling;
 - grouped-query attention (head h reads KV head h // (n_head / n_head_kv)), scale 1/sqrt(head_dim), causal;
 - SwiGLU feed-forward, q/k/v biases when present, output tied to token_embd when output.weight is absent;
+- bitnet's sub-norms when the layer has them (src/models/bitnet.cpp): RMSNorm of the attention output before
+  attn_output, and of silu(gate) * up before ffn_down;
 - the KV cache holds K and V as F16 (default, as llama.cpp), F32, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1; queries meet K
   in K's dot-product type (rounded to F16, or quantized to Q8_0 / Q8_1), as ggml's vec_dot does; long prompts go
   through flash attention in tiles.
@@ -226,7 +228,7 @@ def block(c: HParams, L: LayerWeights, x: np.ndarray, cache: KVCache, i: int, ro
     """Transformer block i on the residual stream x (T, n_embd) at positions pos0..: each half adds to the stream
     what it computes from a normed copy (pre-norm residuals)."""
     x = x + _attention(c, L, _rms_norm(x, L.attn_norm, c.eps), cache, i, rope, pos0)
-    return x + _feed_forward(L, _rms_norm(x, L.ffn_norm, c.eps))
+    return x + _feed_forward(c, L, _rms_norm(x, L.ffn_norm, c.eps))
 
 
 def _attention(c: HParams, L: LayerWeights, h: np.ndarray, cache: KVCache, i: int,
@@ -244,16 +246,22 @@ def _attention(c: HParams, L: LayerWeights, h: np.ndarray, cache: KVCache, i: in
     k = _rope(c, k.reshape(T, c.n_head_kv, c.head_dim), rope)
     v = v.reshape(T, c.n_head_kv, c.head_dim_v)
     # K, V into the cache, then the queries over every position so far
-    o = L.wo(cache.attend(i, q, k, v, pos0))
+    o = cache.attend(i, q, k, v, pos0)
+    if L.attn_sub_norm is not None:
+        o = _rms_norm(o, L.attn_sub_norm, c.eps)
+    o = L.wo(o)
     if L.bo is not None:
         o += L.bo
     return o
 
 
-def _feed_forward(L: LayerWeights, h: np.ndarray) -> np.ndarray:
-    """SwiGLU of the normed stream h (T, n_embd): down(silu(gate h) * up h)."""
+def _feed_forward(c: HParams, L: LayerWeights, h: np.ndarray) -> np.ndarray:
+    """SwiGLU of the normed stream h (T, n_embd): down(silu(gate h) * up h), the product RMS-normed first when
+    the layer has ffn_sub_norm."""
     acts: dict = {}
     gate, up = L.w_gate(h, acts), L.w_up(h, acts)
     with np.errstate(over="ignore"):  # exp(-gate) overflows to inf for very negative gates: silu is then 0
         act = gate / (np.float32(1.0) + np.exp(-gate)) * up
+    if L.ffn_sub_norm is not None:
+        act = _rms_norm(act, L.ffn_sub_norm, c.eps)
     return L.w_down(act)

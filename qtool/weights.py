@@ -37,6 +37,23 @@ class LayerWeights:
     bk: np.ndarray | None = None  # (kd,)
     bv: np.ndarray | None = None  # (vd,)
     bo: np.ndarray | None = None  # (n_embd,)
+    attn_sub_norm: np.ndarray | None = None  # (n_embd,) RMSNorm of the attention output before wo (bitnet)
+    ffn_sub_norm: np.ndarray | None = None  # (n_ff,) RMSNorm of silu(gate) * up before w_down (bitnet)
+
+
+class ScaledWeight:
+    """A Weight times the one number of its `.scale` tensor, as llama.cpp's build_lora_mm multiplies the product
+    (bitnet files from other converters store ternary codes and each projection's scale apart)."""
+    __slots__ = ("inner", "scale")
+
+    def __init__(self, inner: Weight, scale: np.float32):
+        self.inner, self.scale = inner, np.float32(scale)
+
+    def __call__(self, x: np.ndarray, acts: dict | None = None) -> np.ndarray:
+        return self.inner(x, acts) * self.scale
+
+    def __getattr__(self, attr: str):
+        return getattr(self.inner, attr)
 
 
 @dataclass
@@ -100,7 +117,8 @@ class _Loader:
         w = Weight(name, t.ggml_type, _as_stored(t.ggml_type, self.gguf.array(name)), n_out, n_in)
         if w.planes is not None:  # repacked into memory: the file's pages are no longer needed
             self.gguf.release(name)
-        return w
+        scale = self.vector(name.removesuffix(".weight") + ".scale", 1, required=False)
+        return w if scale is None else ScaledWeight(w, scale[0])
 
     def layer(self, cfg: HParams, i: int) -> LayerWeights:
         c = cfg
@@ -115,7 +133,9 @@ class _Loader:
             ffn_norm=self.vector(tensor_name(M.FFN_NORM, i), c.n_embd),
             w_gate=mat(M.FFN_GATE, n_ff, c.n_embd), w_up=mat(M.FFN_UP, n_ff, c.n_embd),
             w_down=mat(M.FFN_DOWN, c.n_embd, n_ff),
-            bq=bias(M.ATTN_Q, qd), bk=bias(M.ATTN_K, kd), bv=bias(M.ATTN_V, vd), bo=bias(M.ATTN_OUT, c.n_embd))
+            bq=bias(M.ATTN_Q, qd), bk=bias(M.ATTN_K, kd), bv=bias(M.ATTN_V, vd), bo=bias(M.ATTN_OUT, c.n_embd),
+            attn_sub_norm=self.vector(tensor_name(M.ATTN_SUB_NORM, i), c.n_embd, required=False),
+            ffn_sub_norm=self.vector(tensor_name(M.FFN_SUB_NORM, i), n_ff, required=False))
 
 
 def load_weights(gguf: GGUFFile, cfg: HParams, fail: Callable[[str], QtoolError]) -> ModelWeights:
@@ -157,7 +177,7 @@ def observed_layer(L: LayerWeights, observer: Callable[[str, np.ndarray], None])
     to `observer`."""
     from dataclasses import fields, replace
     return replace(L, **{f.name: ObservedWeight(getattr(L, f.name), observer) for f in fields(L)
-                         if isinstance(getattr(L, f.name), Weight)})
+                         if isinstance(getattr(L, f.name), (Weight, ScaledWeight))})
 
 
 def observed(w: ModelWeights, observer: Callable[[str, np.ndarray], None]) -> ModelWeights:
