@@ -34,7 +34,8 @@ bench: install-dev
 	$(PYTHON) scripts/bench_convert.py
 
 # the long fuzz runs (a short deterministic one is part of `make test`): FUZZ_GGUF byte mutants of the sample's
-# F32 file through the reader, inspect and run; FUZZ_CKPT mutated checkpoint folders through convert
+# F32 file through the reader, inspect and run; FUZZ_CKPT mutated checkpoint folders through convert; every bad
+# option of tests/fuzz/option_mutants.py and every hostile chat template of tests/fuzz/template_fuzz.py
 FUZZ_GGUF ?= 100000
 FUZZ_CKPT ?= 1000
 fuzz: install-dev
@@ -42,6 +43,8 @@ fuzz: install-dev
 	$(QTOOL) convert $(SAMPLE) -o $(OUT)/stories260K.F32.gguf --type F32 --quiet
 	$(PYTHON) tests/fuzz/gguf_fuzz.py $(OUT)/stories260K.F32.gguf $(FUZZ_GGUF)
 	$(PYTHON) tests/fuzz/checkpoint_fuzz.py $(FUZZ_CKPT)
+	$(PYTHON) tests/fuzz/option_fuzz.py
+	$(PYTHON) tests/fuzz/template_fuzz.py
 
 clean:
 	rm -rf $(OUT) bench-out

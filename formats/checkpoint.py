@@ -66,9 +66,13 @@ def _weight_map(idx: Path, index: object) -> dict[str, str]:
 
 
 def _check_inside(folder: Path, path: Path) -> None:
-    """A weights file must resolve inside the model folder: a symlink out of it is followed only as a hub cache
-    snapshot links into its own blob store (models--org--name/snapshots/<rev>/f → models--org--name/blobs/<hash>)."""
-    root, target = folder.resolve(), path.resolve()
+    """A weights, config or tokenizer file must resolve inside the model folder: a symlink out of it is followed
+    only as a hub cache snapshot links into its own blob store
+    (models--org--name/snapshots/<rev>/f → models--org--name/blobs/<hash>)."""
+    try:
+        root, target = folder.resolve(), path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise QtoolError(f"{path}: cannot be resolved ({getattr(e, 'strerror', None) or e})") from None
     if target.is_relative_to(root):
         return
     snapshot = folder.absolute()
@@ -87,6 +91,10 @@ class Checkpoint:
         cfg = self.folder / "config.json"
         if not cfg.exists() and not cfg.is_symlink():  # a broken link is reported as such by read_json
             raise QtoolError(f"{self.folder}: no config.json, not a Hugging Face checkpoint folder")
+        # every metadata file a conversion reads (here, in hf_metadata and hf_tokenizer), checked once before any
+        for name in HUB_PATTERNS:
+            if "*" not in name and ((p := self.folder / name).exists() or p.is_symlink()):
+                _check_inside(self.folder, p)
         self.config = read_json(cfg, MAX_CONFIG_BYTES)
         if not isinstance(self.config, dict):
             raise QtoolError(f"{cfg}: not a JSON object")

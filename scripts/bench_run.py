@@ -138,8 +138,10 @@ def main() -> None:
     for type_name in args.types.split(","):
         path = f16 if type_name == "F16" else out / f"{label}.{type_name}.gguf"
         if not path.is_file():
-            subprocess.run([sys.executable, "-m", "qtool", "convert", f16, "-o", path, "--type", type_name, "-q"],
-                           check=True)
+            cmd = [sys.executable, "-m", "qtool", "convert", f16, "-o", path, "--type", type_name, "-q"]
+            if subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode != 0:
+                # the presets llama-quantize refuses without an importance matrix: from the bundled text
+                subprocess.run([*cmd, "--calibrate", "default", "--calibrate-chunks", "20"], check=True)
         size = path.stat().st_size
         l_pp, l_tg, l_rss, _ = measure(LLAMA_CHILD, path, args)
         q_pp, q_tg, q_rss, kv = measure(QTOOL_CHILD, path, args)

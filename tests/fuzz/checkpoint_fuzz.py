@@ -9,31 +9,27 @@ from __future__ import annotations
 
 import collections
 import shutil
-import signal
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
 from fuzz.checkpoint_mutants import checkpoint_mutants  # noqa: E402
-from fuzz.harness import run_cli  # noqa: E402
+from fuzz.harness import outcome, run_cli  # noqa: E402
 
 
-class Hang(Exception):
-    pass
-
-
-def _hang(signum, frame):
-    raise Hang
+def _convert(folder: Path, out: Path) -> str:
+    code, _, err = run_cli("convert", str(folder), "-o", str(out), "--type", "F32", "-q")
+    lines = err.strip().splitlines()
+    ok_error = code in (1, 2) and len(lines) == 1 and lines[0].startswith("qtool: error: ")
+    return "converted" if code == 0 else "one-line errors" if ok_error else "bad error output"
 
 
 def main(n: int = 1000, seed: int = 0, base: Path = TESTS.parent / "examples" / "stories260K") -> int:
     counts: collections.Counter[str] = collections.Counter()
     first: dict[str, str] = {}
-    signal.signal(signal.SIGALRM, _hang)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out" / "m.gguf"
         out.parent.mkdir()
@@ -43,23 +39,10 @@ def main(n: int = 1000, seed: int = 0, base: Path = TESTS.parent / "examples" / 
             shutil.rmtree(f"{folder}.outside", ignore_errors=True)
             shutil.copytree(base, folder)
             mutate(folder)
-            code = None
-            signal.alarm(30)
-            try:
-                code, _, err = run_cli("convert", str(folder), "-o", str(out), "--type", "F32", "-q")
-                lines = err.strip().splitlines()
-                ok_error = code in (1, 2) and len(lines) == 1 and lines[0].startswith("qtool: error: ")
-                kind = "converted" if code == 0 else "one-line errors" if ok_error else "bad error output"
-            except Hang:
-                kind = "hangs"
-            except BaseException as e:  # noqa: BLE001 - any escape is a traceback a user would see
-                where = traceback.extract_tb(e.__traceback__)[-1]
-                kind = f"traceback {type(e).__name__} {Path(where.filename).name}:{where.lineno}"
-            finally:
-                signal.alarm(0)
+            kind = outcome(lambda: _convert(folder, out))
             counts[kind] += 1
             first.setdefault(kind, label)
-            if code == 0 and out.exists():
+            if kind == "converted" and out.exists():
                 out.unlink()
             left = list(out.parent.iterdir())
             if left:

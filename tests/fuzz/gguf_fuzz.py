@@ -9,46 +9,37 @@ first mutant that raised it), hangs (over 30 s) and bad error output. Exit 1 unl
 from __future__ import annotations
 
 import collections
-import signal
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
 from fuzz.gguf_mutants import Model, byte_mutants, semantic_mutants, tensor_mutants  # noqa: E402
-from fuzz.harness import run_cli  # noqa: E402
+from fuzz.harness import outcome, run_cli  # noqa: E402
 
 GOOD = ("refused by the reader", "opened", "command ran", "one-line command errors")
 RUN_EVERY = 10  # `run` loads the model and compiles nothing new, but costs ~100x `inspect`
 
 
-class Hang(Exception):
-    pass
-
-
-def _hang(signum, frame):
-    raise Hang
-
-
 def _command(counts, first, label, args) -> None:
-    signal.alarm(30)
-    try:
+    def case() -> str:
         code, _, err = run_cli(*args)
         lines = err.strip().splitlines()
         ok_error = code in (1, 2) and lines and lines[-1].startswith("qtool: error: ")
-        kind = "command ran" if code == 0 else "one-line command errors" if ok_error else "bad error output"
-    except Hang:
-        kind = "hangs"
-    except BaseException as e:  # noqa: BLE001 - any escape is a traceback a user would see
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        kind = f"traceback {type(e).__name__} {Path(where.filename).name}:{where.lineno}"
-    finally:
-        signal.alarm(0)
+        return "command ran" if code == 0 else "one-line command errors" if ok_error else "bad error output"
+    kind = outcome(case)
     counts[kind] += 1
     first.setdefault(kind, f"{label} ({args[0]})")
+
+
+def _open(p: Path, QtoolError, GGUFFile) -> str:
+    try:
+        GGUFFile(p).close()
+        return "opened"
+    except QtoolError as e:
+        return "refused by the reader" if "\n" not in str(e) else "bad error output"
 
 
 def main(base_path: Path, n: int = 100_000, seed: int = 0) -> int:
@@ -59,7 +50,6 @@ def main(base_path: Path, n: int = 100_000, seed: int = 0) -> int:
     data = base_path.read_bytes()
     counts: collections.Counter[str] = collections.Counter()
     first: dict[str, str] = {}
-    signal.signal(signal.SIGALRM, _hang)
     total = 0
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "fuzz.gguf"
@@ -68,19 +58,7 @@ def main(base_path: Path, n: int = 100_000, seed: int = 0) -> int:
         for label, blob in (*cases, *byte_mutants(data, n, seed)):
             total += 1
             p.write_bytes(blob)
-            signal.alarm(30)
-            try:
-                GGUFFile(p).close()
-                kind = "opened"
-            except QtoolError as e:
-                kind = "refused by the reader" if "\n" not in str(e) else "bad error output"
-            except Hang:
-                kind = "hangs"
-            except BaseException as e:  # noqa: BLE001
-                where = traceback.extract_tb(e.__traceback__)[-1]
-                kind = f"traceback {type(e).__name__} {Path(where.filename).name}:{where.lineno}"
-            finally:
-                signal.alarm(0)
+            kind = outcome(lambda: _open(p, QtoolError, GGUFFile))
             counts[kind] += 1
             first.setdefault(kind, label)
             if kind != "opened":

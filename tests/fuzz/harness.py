@@ -6,6 +6,9 @@ import contextlib
 import io
 import signal
 import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -27,3 +30,29 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         for s, h in handlers.items():  # main() ignores SIGINT when done; the test session must stay interruptible
             signal.signal(s, h)
     return code, out.getvalue(), err.getvalue()
+
+
+class Hang(BaseException):
+    """Raised by the alarm. Not an Exception: the code under test may catch those (the chat template's fallback
+    does), which would hide the hang."""
+
+
+def _hang(signum, frame):
+    raise Hang
+
+
+def outcome(case: Callable[[], str], timeout: int = 30) -> str:
+    """What case() did: its own classification of the result, "hangs" past timeout seconds, or the traceback a
+    user would see, named by exception and innermost place."""
+    old = signal.signal(signal.SIGALRM, _hang)
+    signal.alarm(timeout)
+    try:
+        return case()
+    except Hang:
+        return "hangs"
+    except BaseException as e:  # noqa: BLE001 - any escape is a traceback a user would see
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return f"traceback {type(e).__name__} {Path(where.filename).name}:{where.lineno}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
