@@ -52,6 +52,16 @@ def qtool(*args: str, check: bool = False, env: dict | None = None, cwd=None, ti
     return proc
 
 
+def qtool_here(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """The same CLI call in this process (main()'s error handling included): for the many conversions whose output
+    file is what a test checks, a subprocess each would spend ~2 s importing numba and loading its cache."""
+    from fuzz.harness import run_cli
+    code, out, err = run_cli(*map(str, args))
+    if check and code != 0:
+        raise AssertionError(f"qtool {' '.join(map(str, args))} failed ({code}):\n{err}")
+    return subprocess.CompletedProcess(["qtool", *map(str, args)], code, out, err)
+
+
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory):
     """Convert a shared model once per session and type: converted('stories260K', 'F32') → Path."""
@@ -62,7 +72,7 @@ def converted(tmp_path_factory):
         key = (model, type_name)
         if key not in cache:
             out = folder / f"{model}.{type_name}.gguf"
-            qtool("convert", shared_model(model), "-o", out, "--type", type_name, "--quiet", check=True)
+            qtool_here("convert", shared_model(model), "-o", out, "--type", type_name, "--quiet", check=True)
             cache[key] = out
         return cache[key]
     return get

@@ -8,7 +8,7 @@ import ctypes
 
 import pytest
 
-from conftest import SHARED, qtool
+from conftest import SHARED, qtool, qtool_here
 from llama_oracle import need_llama_cpp
 from qtool.formats.constants import FILE_TYPES
 from qtool.formats.gguf_reader import GGUFFile
@@ -80,7 +80,7 @@ def assert_same_file(ours, ref, skip_keys=()) -> None:
 @pytest.mark.parametrize("type_name", PLAIN)
 def test_requantizing_equals_llama_quantize_byte_for_byte(model, type_name, converted, llama_quantized, tmp_path):
     ours = tmp_path / "ours.gguf"
-    qtool("convert", converted(model, "F32"), "-o", ours, "--type", type_name, "--quiet", check=True)
+    qtool_here("convert", converted(model, "F32"), "-o", ours, "--type", type_name, "--quiet", check=True)
     assert_same_file(ours, llama_quantized(model, type_name))
 
 
@@ -90,7 +90,7 @@ def test_iq_presets_with_the_imatrix_equal_llama_quantize(type_name, converted, 
     if not IMATRIX.is_file():
         pytest.skip(f"{IMATRIX} is not here")
     ours = tmp_path / "ours.gguf"
-    qtool("convert", converted("stories3M", "F32"), "-o", ours, "--type", type_name, "--imatrix", IMATRIX,
+    qtool_here("convert", converted("stories3M", "F32"), "-o", ours, "--type", type_name, "--imatrix", IMATRIX,
           "--quiet", check=True)
     assert_same_file(ours, llama_quantized("stories3M", type_name, IMATRIX), skip_keys=("quantize.imatrix.",))
 

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import SHARED, qtool
+from conftest import SHARED, qtool, qtool_here
 from llama_oracle import need_llama_cpp
 from qtool import perplexity
 from qtool.formats.constants import FILE_TYPES
@@ -100,7 +100,7 @@ def test_iq_kl_divergence_with_the_imatrix_equals_llama_perplexity(type_name, co
                                                                    tmp_path):
     want = imatrix_anchor_row(type_name)
     out = tmp_path / f"{type_name}.gguf"
-    qtool("convert", converted("stories3M", "F32"), "-o", out, "--type", type_name, "--imatrix",
+    qtool_here("convert", converted("stories3M", "F32"), "-o", out, "--type", type_name, "--imatrix",
           SHARED / "reference" / "stories3M.imatrix.gguf", "-q", check=True)
     m = Model(out, n_ctx=256)
     try:
@@ -133,7 +133,7 @@ def pure_file(tmp_path_factory, stories3m):
             # cannot be quantized without (llama.cpp refuses as well): those two stay Q8_0
             extra = ["--imatrix", imatrix, "--output-tensor-type", "q8_0", "--token-embedding-type", "q8_0"]
         if not out.exists():
-            qtool("convert", stories3m, "-o", out, "--type", type_name, "--pure", "--quiet", *extra, check=True)
+            qtool_here("convert", stories3m, "-o", out, "--type", type_name, "--pure", "--quiet", *extra, check=True)
         return out
     return get
 
