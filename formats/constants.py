@@ -321,6 +321,8 @@ class ModelTensor(IntEnum):
     FFN_DOWN_EXP = auto()
     ATTN_SUB_NORM = auto()  # bitnet: RMSNorm of the attention output, before attn_output
     FFN_SUB_NORM = auto()  # bitnet: RMSNorm of gate * up, before ffn_down
+    ATTN_Q_NORM = auto()  # qwen3: RMSNorm of each query head, before RoPE
+    ATTN_K_NORM = auto()  # qwen3: RMSNorm of each key head, before RoPE
 
 
 TENSOR_NAMES: dict[ModelTensor, str] = {
@@ -343,6 +345,8 @@ TENSOR_NAMES: dict[ModelTensor, str] = {
     ModelTensor.FFN_DOWN_EXP: "blk.{bid}.ffn_down_exps",
     ModelTensor.ATTN_SUB_NORM: "blk.{bid}.attn_sub_norm",
     ModelTensor.FFN_SUB_NORM: "blk.{bid}.ffn_sub_norm",
+    ModelTensor.ATTN_Q_NORM: "blk.{bid}.attn_q_norm",
+    ModelTensor.ATTN_K_NORM: "blk.{bid}.attn_k_norm",
 }
 
 

@@ -112,6 +112,26 @@ class GGUFFile:
         except UnicodeDecodeError:
             raise self._fail(f"{what} at byte {start} is not valid UTF-8") from None
 
+    def _strings(self, count: int, what: str) -> list[str]:
+        """`count` strings in a row: _string's checks, in one loop (a tokenizer's vocabulary took 0.3 s of a
+        135M model's load through _string)."""
+        buf, pos, size, out = self._buf, self._pos, self.size, []
+        length = struct.Struct("<Q").unpack_from
+        for i in range(count):
+            if pos + 8 > size:
+                raise self._fail(f"truncated: {what}[{i}] length at byte {pos} needs 8 bytes, file has {size}")
+            n = length(buf, pos)[0]
+            pos += 8
+            if n > size - pos:
+                raise self._fail(f"truncated: {what}[{i}] at byte {pos} needs {n} bytes, file has {size}")
+            try:
+                out.append(str(buf[pos:pos + n], "utf-8"))
+            except UnicodeDecodeError:
+                raise self._fail(f"{what}[{i}] at byte {pos} is not valid UTF-8") from None
+            pos += n
+        self._pos = pos
+        return out
+
     def _value_type(self, what: str) -> ValueType:
         raw = self._u32(what)
         try:
@@ -138,6 +158,8 @@ class GGUFFile:
                 if etype == ValueType.BOOL:
                     arr = arr.astype(bool)
                 return MetaField(arr, vtype, etype)
+            if etype == ValueType.STRING:  # vocabularies: 50k-250k strings, read without a call each
+                return MetaField(self._strings(count, what), vtype, etype)
             fields = [self._value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
             return MetaField([f.value for f in fields], vtype, etype,
                              tuple(fields) if etype == ValueType.ARRAY else None)

@@ -114,7 +114,7 @@ def _text_model(head_dim_default: Any) -> tuple[HParam, ...]:
     """convert_hf_to_gguf.py's TextModel.set_gguf_parameters, in its order. It reads config.json through
     transformers' AutoConfig, which fills in the config class's defaults (RMS epsilon 1e-6, and in LlamaConfig and
     MistralConfig a head_dim: llama files always carry key_length and value_length, qwen2 files only when
-    config.json gives head_dim)."""
+    config.json gives head_dim; Qwen3Config always has one)."""
     return (
         HP_LAYERS,
         HParam(K.LLM.CONTEXT_LENGTH, U32, ("max_position_embeddings",)),
@@ -156,6 +156,12 @@ BITNET_HF_TENSORS: dict[str, ModelTensor] = {
     "model.layers.{bid}.mlp.ffn_sub_norm": M.FFN_SUB_NORM,
     "model.layers.{bid}.mlp.ffn_layernorm": M.FFN_SUB_NORM,
 }
+# Qwen3: per-head RMSNorms of the queries and keys (one head_dim weight each, shared by every head)
+QWEN3_HF_TENSORS: dict[str, ModelTensor] = {
+    **LLAMA_HF_TENSORS,
+    "model.layers.{bid}.self_attn.q_norm": M.ATTN_Q_NORM,
+    "model.layers.{bid}.self_attn.k_norm": M.ATTN_K_NORM,
+}
 PROJECTIONS = frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.ATTN_OUT, M.FFN_GATE, M.FFN_UP, M.FFN_DOWN})
 
 
@@ -170,7 +176,7 @@ class Arch:
     biases: frozenset[ModelTensor]  # which of them may carry a ".bias" (a checkpoint bias elsewhere is refused)
     hf_tensors: Mapping[str, ModelTensor]  # checkpoint name stem ("model.layers.{bid}.mlp.up_proj") → kind
     space_prefix: bool = False  # writes tokenizer_config's add_prefix_space (llama.cpp's LlamaModel.set_vocab)
-    sub_norms: tuple[ModelTensor, ...] = ()  # per-layer norms its graph also requires (bitnet's)
+    sub_norms: tuple[ModelTensor, ...] = ()  # per-layer norms its graph also requires (bitnet's, qwen3's q/k)
     ternary: frozenset[ModelTensor] = frozenset()  # weights the converter rounds to mean|w| × {-1, 0, 1}
 
 
@@ -198,6 +204,14 @@ ARCHS: dict[str, Arch] = {a.gguf_name: a for a in (
              M.ATTN_SUB_NORM, M.FFN_SUB_NORM},
          biases=frozenset(), hf_tensors=BITNET_HF_TENSORS, sub_norms=(M.ATTN_SUB_NORM, M.FFN_SUB_NORM),
          ternary=PROJECTIONS),
+    # llama.cpp's converter (Qwen3Model, a Qwen2Model) writes TextModel's keys; the graph adds the q/k norms.
+    # head_dim is required: transformers' Qwen3Config defaults it to 128 whatever hidden_size / heads is, which
+    # the converter would write and the HF model would use, so a config without it is refused, not guessed
+    Arch("qwen3", ("Qwen3ForCausalLM",),
+         hparams=_text_model(head_dim_default=REQUIRED),
+         rope_mode="neox", permute_qk=False, tensors=LLAMA_TENSORS - {M.ROPE_FREQS} | {M.ATTN_Q_NORM, M.ATTN_K_NORM},
+         biases=frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V}),  # optional; llama.cpp's qwen3 reads no attn_output bias
+         hf_tensors=QWEN3_HF_TENSORS, sub_norms=(M.ATTN_Q_NORM, M.ATTN_K_NORM)),
 )}
 BY_HF_CLASS: dict[str, Arch] = {c: a for a in ARCHS.values() for c in a.hf_classes}
 
@@ -274,6 +288,9 @@ def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
     _check_rope_scaling(config)
 
 
+UNWRITTEN_ROPE_SCALING = ("linear", "yarn", "su", "longrope")  # rope types with keys qtool does not write
+
+
 def _check_rope_scaling(config: Mapping[str, Any]) -> None:
     """The fields the converter reads for Llama 3 scaling: factors finite and positive, high above low (the
     smoothing divides by their difference), the original context a positive integer."""
@@ -290,6 +307,11 @@ def _check_rope_scaling(config: Mapping[str, Any]) -> None:
         _positive_int(rs["original_max_position_embeddings"], f"config.json: {where}.original_max_position_embeddings")
     if (kind or "").lower() == "llama3" and rs.get("high_freq_factor", 4.0) <= rs.get("low_freq_factor", 1.0):
         raise QtoolError(f"config.json: {where}.high_freq_factor must be above low_freq_factor")
+    # llama.cpp's TextModel writes rope.scaling.* keys for these, which qtool does not: refused rather than a file
+    # whose RoPE differs from the one the converter would write
+    if kind in UNWRITTEN_ROPE_SCALING and (kind in ("su", "longrope") or rs.get("factor") is not None):
+        raise QtoolError(f"config.json: {where}.rope_type {kind!r} is not supported (qtool writes no "
+                         "rope.scaling keys for it; it supports Llama 3's)")
 
 
 # each kind's HF shape ([out, in], torch order) in terms of the config; a bias is the weight's first dimension
@@ -298,7 +320,7 @@ HF_SHAPES: dict[ModelTensor, tuple[str, ...]] = {
     M.ATTN_NORM: ("hidden",), M.FFN_NORM: ("hidden",),
     M.ATTN_Q: ("q", "hidden"), M.ATTN_K: ("kv", "hidden"), M.ATTN_V: ("kv", "hidden"), M.ATTN_OUT: ("hidden", "q"),
     M.FFN_GATE: ("ff", "hidden"), M.FFN_UP: ("ff", "hidden"), M.FFN_DOWN: ("hidden", "ff"),
-    M.ATTN_SUB_NORM: ("hidden",), M.FFN_SUB_NORM: ("ff",),
+    M.ATTN_SUB_NORM: ("hidden",), M.FFN_SUB_NORM: ("ff",), M.ATTN_Q_NORM: ("head",), M.ATTN_K_NORM: ("head",),
 }
 # what every layer and the model must have for llama.cpp to load the file (lm_head is optional: tied embeddings)
 LAYER_TENSORS = (M.ATTN_NORM, M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.ATTN_OUT, M.FFN_NORM, M.FFN_GATE, M.FFN_UP, M.FFN_DOWN)
@@ -310,11 +332,12 @@ def check_tensors(arch: Arch, config: Mapping[str, Any], shapes: Mapping[str, tu
     every tensor the graph needs present: a contradiction is an error before anything is written."""
     head_dim, n_head, n_kv = HP_HEAD_DIM.number(config), HP_HEADS.number(config), HP_HEADS_KV.number(config)
     dims = {"hidden": HP_HIDDEN.number(config), "q": n_head * head_dim, "kv": n_kv * head_dim,
-            "ff": HP_FF.number(config),
+            "ff": HP_FF.number(config), "head": head_dim,
             "vocab": None if config.get("vocab_size") is None else int(config["vocab_size"])}  # checked in check_config
     # how each dimension follows from config.json, for the error
     source = {"hidden": f"hidden_size {dims['hidden']}", "q": f"num_attention_heads {n_head} × head size {head_dim}",
-              "kv": f"num_key_value_heads {n_kv} × head size {head_dim}", "ff": f"intermediate_size {dims['ff']}"}
+              "kv": f"num_key_value_heads {n_kv} × head size {head_dim}", "ff": f"intermediate_size {dims['ff']}",
+              "head": f"head size {head_dim}"}
     n_layer = HP_LAYERS.number(config)
     seen: set[tuple[ModelTensor, int | None]] = set()
     for name, shape in shapes.items():

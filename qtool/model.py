@@ -1,15 +1,18 @@
-"""The runner's model: the Llama-family forward pass (GGUF architectures `llama` and `qwen2`) on a memory-mapped
-GGUF file. The weights (qtool/weights.py) stay in their stored form and carry their own products
+"""The runner's model: the Llama-family forward pass (GGUF architectures `llama`, `qwen2`, `qwen3`, `bitnet`) on a
+memory-mapped GGUF file. The weights (qtool/weights.py) stay in their stored form and carry their own products
 (kernels/matmul.py); the KV cache and attention are qtool/attention.py.
 
-It follows llama.cpp's graph (src/models/llama.cpp, qwen2.cpp) and CPU math:
+It follows llama.cpp's graph (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, bitnet.cpp) and CPU math:
 - RMSNorm: x / sqrt(mean(x²) + eps) with the sum of squares in double, then times the norm weight;
 - RoPE in llama.cpp's layout: "normal" (pairs 2i, 2i+1; llama, whose Q/K rows the converter permuted) or NEOX
-  (pairs i, i + n_rot/2; qwen2), angles pos * base^(-2i/n_rot) built by repeated float32 multiplication as ggml
-  does, divided by `rope_freqs` (Llama 3 scaling) when the file has it, times 1/factor for linear scaling;
+  (pairs i, i + n_rot/2; qwen2, qwen3, bitnet), angles pos * base^(-2i/n_rot) built by repeated float32
+  multiplication as ggml does, divided by `rope_freqs` (Llama 3 scaling) when the file has it, times 1/factor
+  for linear scaling;
 - grouped-query attention (head h reads KV head h // (n_head / n_head_kv)), scale 1/sqrt(head_dim), causal;
 - SwiGLU feed-forward, q/k/v biases when present, output tied to token_embd when output.weight is absent;
-- bitnet's sub-norms when the layer has them (src/models/bitnet.cpp): RMSNorm of the attention output before
+- qwen3's per-head RMSNorm of Q and K (one head_dim weight for every head) after the projections, before RoPE,
+  when the layer has attn_q_norm / attn_k_norm;
+- bitnet's sub-norms when the layer has them (bitnet.cpp): RMSNorm of the attention output before
   attn_output, and of silu(gate) * up before ffn_down;
 - the KV cache holds K and V as F16 (default, as llama.cpp), F32, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1; queries meet K
   in K's dot-product type (rounded to F16, or quantized to Q8_0 / Q8_1), as ggml's vec_dot does; long prompts go
@@ -241,9 +244,14 @@ def _attention(c: HParams, L: LayerWeights, h: np.ndarray, cache: KVCache, i: in
     for y, b in ((q, L.bq), (k, L.bk), (v, L.bv)):
         if b is not None:
             y += b
+    q, k = q.reshape(T, c.n_head, c.head_dim), k.reshape(T, c.n_head_kv, c.head_dim)
+    # qwen3: each head of Q and K RMS-normed on its own, before the rotation
+    if L.q_norm is not None:
+        q = _rms_norm(q.reshape(-1, c.head_dim), L.q_norm, c.eps).reshape(q.shape)
+    if L.k_norm is not None:
+        k = _rms_norm(k.reshape(-1, c.head_dim), L.k_norm, c.eps).reshape(k.shape)
     # rotate Q and K by position; V is not rotated
-    q = _rope(c, q.reshape(T, c.n_head, c.head_dim), rope)
-    k = _rope(c, k.reshape(T, c.n_head_kv, c.head_dim), rope)
+    q, k = _rope(c, q, rope), _rope(c, k, rope)
     v = v.reshape(T, c.n_head_kv, c.head_dim_v)
     # K, V into the cache, then the queries over every position so far
     o = cache.attend(i, q, k, v, pos0)

@@ -39,6 +39,8 @@ class LayerWeights:
     bo: np.ndarray | None = None  # (n_embd,)
     attn_sub_norm: np.ndarray | None = None  # (n_embd,) RMSNorm of the attention output before wo (bitnet)
     ffn_sub_norm: np.ndarray | None = None  # (n_ff,) RMSNorm of silu(gate) * up before w_down (bitnet)
+    q_norm: np.ndarray | None = None  # (head_dim,) RMSNorm of each query head before RoPE (qwen3)
+    k_norm: np.ndarray | None = None  # (head_dim,) RMSNorm of each key head before RoPE (qwen3)
 
 
 class ScaledWeight:
@@ -135,7 +137,9 @@ class _Loader:
             w_down=mat(M.FFN_DOWN, c.n_embd, n_ff),
             bq=bias(M.ATTN_Q, qd), bk=bias(M.ATTN_K, kd), bv=bias(M.ATTN_V, vd), bo=bias(M.ATTN_OUT, c.n_embd),
             attn_sub_norm=self.vector(tensor_name(M.ATTN_SUB_NORM, i), c.n_embd, required=False),
-            ffn_sub_norm=self.vector(tensor_name(M.FFN_SUB_NORM, i), n_ff, required=False))
+            ffn_sub_norm=self.vector(tensor_name(M.FFN_SUB_NORM, i), n_ff, required=False),
+            q_norm=self.vector(tensor_name(M.ATTN_Q_NORM, i), c.head_dim, required=False),
+            k_norm=self.vector(tensor_name(M.ATTN_K_NORM, i), c.head_dim, required=False))
 
 
 def load_weights(gguf: GGUFFile, cfg: HParams, fail: Callable[[str], QtoolError]) -> ModelWeights:
