@@ -39,7 +39,8 @@ GIVEN = _Marker("GIVEN")  # the converter supplies it (file type, vocabulary siz
 @dataclass(frozen=True)
 class HParam:
     """One metadata entry written from config.json: the first of `hf` present (at the top level, then in
-    rope_parameters) wins, else `default` (a value, a function of the config, or one of the markers)."""
+    rope_parameters) wins, else `default` (a value, a function of the config, which may return OPTIONAL for
+    nothing, or one of the markers)."""
     key: str  # a Keys template
     vtype: ValueType
     hf: tuple[str, ...] = ()
@@ -108,6 +109,26 @@ HP_LAYERS = HParam(K.LLM.BLOCK_COUNT, U32, ("num_hidden_layers",))
 HP_ROPE_BASE = HParam(K.Rope.FREQ_BASE, F32, ("rope_theta",), default=10000.0)
 HP_HEAD_DIM = HParam(K.Attention.KEY_LENGTH, U32, ("head_dim",), default=_head_dim)
 HP_FF = HParam(K.LLM.FEED_FORWARD_LENGTH, U32, ("intermediate_size",))
+# mixture of experts: TextModel writes the counts when config.json has them (a config without is a dense model)
+HP_EXPERTS = HParam(K.LLM.EXPERT_COUNT, U32, ("num_local_experts", "num_experts", "n_routed_experts"), OPTIONAL)
+HP_EXPERTS_USED = HParam(K.LLM.EXPERT_USED_COUNT, U32, ("num_experts_per_tok", "num_experts_per_token",
+                                                        "top_k_experts"), OPTIONAL)
+# each expert's feed-forward size: Qwen's MoE configs give it apart, Mixtral's experts are intermediate_size wide
+HP_FF_EXP = HParam(K.LLM.EXPERT_FEED_FORWARD_LENGTH, U32, ("moe_intermediate_size",), default=HP_FF.value)
+
+
+def n_experts(config: Mapping[str, Any]) -> int:
+    """The checkpoint's expert count; 0 for a dense model."""
+    return HP_EXPERTS.number(config) if _config_value(config, HP_EXPERTS.hf) is not None else 0
+
+
+# transformers' config classes that fill in a head_dim config.json lacks (MixtralConfig leaves it null, so
+# llama.cpp's converter writes no key_length for Mixtral)
+CONFIG_FILLS_HEAD_DIM = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def _llama_head_dim(config: Mapping[str, Any]) -> Any:
+    return _head_dim(config) if arch_for(config)[0] in CONFIG_FILLS_HEAD_DIM else OPTIONAL
 
 
 def _text_model(head_dim_default: Any) -> tuple[HParam, ...]:
@@ -124,6 +145,8 @@ def _text_model(head_dim_default: Any) -> tuple[HParam, ...]:
         HP_HEADS_KV,
         HP_ROPE_BASE,
         HParam(K.Attention.LAYERNORM_RMS_EPS, F32, ("rms_norm_eps",), default=1e-6),
+        HP_EXPERTS,
+        HP_EXPERTS_USED,
         HParam(K.Attention.KEY_LENGTH, U32, ("head_dim",), default=head_dim_default),
         HParam(K.Attention.VALUE_LENGTH, U32, ("head_dim",), default=head_dim_default),
         HParam(K.General.FILE_TYPE, U32, default=GIVEN),
@@ -162,6 +185,24 @@ QWEN3_HF_TENSORS: dict[str, ModelTensor] = {
     "model.layers.{bid}.self_attn.q_norm": M.ATTN_Q_NORM,
     "model.layers.{bid}.self_attn.k_norm": M.ATTN_K_NORM,
 }
+# Mixtral: a router and per-expert SwiGLU weights w1 (gate), w2 (down), w3 (up); "{xid}" is the expert number
+MIXTRAL_HF_TENSORS: dict[str, ModelTensor] = {
+    "model.layers.{bid}.block_sparse_moe.gate": M.FFN_GATE_INP,
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w1": M.FFN_GATE_EXP,
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w2": M.FFN_DOWN_EXP,
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w3": M.FFN_UP_EXP,
+}
+# Qwen3-MoE: Qwen3's attention, experts under mlp (llama.cpp's qwen3moe graph has no dense feed-forward layer)
+QWEN3MOE_HF_TENSORS: dict[str, ModelTensor] = {
+    **{k: v for k, v in QWEN3_HF_TENSORS.items() if ".mlp." not in k},
+    "model.layers.{bid}.mlp.gate": M.FFN_GATE_INP,
+    "model.layers.{bid}.mlp.experts.{xid}.gate_proj": M.FFN_GATE_EXP,
+    "model.layers.{bid}.mlp.experts.{xid}.up_proj": M.FFN_UP_EXP,
+    "model.layers.{bid}.mlp.experts.{xid}.down_proj": M.FFN_DOWN_EXP,
+}
+DENSE_FFN = frozenset({M.FFN_GATE, M.FFN_UP, M.FFN_DOWN})
+MOE_FFN = frozenset({M.FFN_GATE_INP, M.FFN_GATE_EXP, M.FFN_UP_EXP, M.FFN_DOWN_EXP})
+EXPERT_KINDS = (M.FFN_GATE_EXP, M.FFN_UP_EXP, M.FFN_DOWN_EXP)  # stacked per layer into (n_expert, rows, cols)
 PROJECTIONS = frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.ATTN_OUT, M.FFN_GATE, M.FFN_UP, M.FFN_DOWN})
 
 
@@ -178,16 +219,20 @@ class Arch:
     space_prefix: bool = False  # writes tokenizer_config's add_prefix_space (llama.cpp's LlamaModel.set_vocab)
     sub_norms: tuple[ModelTensor, ...] = ()  # per-layer norms its graph also requires (bitnet's, qwen3's q/k)
     ternary: frozenset[ModelTensor] = frozenset()  # weights the converter rounds to mean|w| × {-1, 0, 1}
+    # the order llama.cpp's converter writes a layer's stacked experts in (when the layer's last one is read)
+    expert_order: tuple[ModelTensor, ...] = ()
 
 
 ARCHS: dict[str, Arch] = {a.gguf_name: a for a in (
-    Arch("llama", ("LlamaForCausalLM", "MistralForCausalLM"),
-         hparams=_text_model(head_dim_default=_head_dim) + (  # LlamaModel adds these two
+    # Mixtral is llama with experts (LlamaModel stacks them w1, w2, w3: gate, down, up)
+    Arch("llama", ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"),
+         hparams=_text_model(head_dim_default=_llama_head_dim) + (  # LlamaModel adds these two
              HParam(K.LLM.VOCAB_SIZE, U32, default=GIVEN),
              HParam(K.Rope.DIMENSION_COUNT, U32, ("head_dim",), default=_head_dim)),
-         rope_mode="normal", permute_qk=True, tensors=LLAMA_TENSORS,
+         rope_mode="normal", permute_qk=True, tensors=LLAMA_TENSORS | MOE_FFN,
          biases=frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.ATTN_OUT}),  # optional: only with attention_bias
-         hf_tensors=LLAMA_HF_TENSORS, space_prefix=True),
+         hf_tensors={**LLAMA_HF_TENSORS, **MIXTRAL_HF_TENSORS}, space_prefix=True,
+         expert_order=(M.FFN_GATE_EXP, M.FFN_DOWN_EXP, M.FFN_UP_EXP)),
     Arch("qwen2", ("Qwen2ForCausalLM",),
          hparams=_text_model(head_dim_default=OPTIONAL),  # TextModel's own: no vocab_size, no rope dimensions
          rope_mode="neox", permute_qk=False, tensors=LLAMA_TENSORS - {M.ROPE_FREQS},
@@ -212,6 +257,16 @@ ARCHS: dict[str, Arch] = {a.gguf_name: a for a in (
          rope_mode="neox", permute_qk=False, tensors=LLAMA_TENSORS - {M.ROPE_FREQS} | {M.ATTN_Q_NORM, M.ATTN_K_NORM},
          biases=frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V}),  # optional; llama.cpp's qwen3 reads no attn_output bias
          hf_tensors=QWEN3_HF_TENSORS, sub_norms=(M.ATTN_Q_NORM, M.ATTN_K_NORM)),
+    # Qwen3MoeModel (a Qwen2MoeModel) adds the experts' width to TextModel's keys and stacks them down, gate, up;
+    # its graph always renormalizes the chosen experts' weights (check_config refuses norm_topk_prob false)
+    Arch("qwen3moe", ("Qwen3MoeForCausalLM",),
+         hparams=_text_model(head_dim_default=REQUIRED) + (
+             HParam(K.LLM.EXPERT_FEED_FORWARD_LENGTH, U32, ("moe_intermediate_size",), OPTIONAL),),
+         rope_mode="neox", permute_qk=False,
+         tensors=LLAMA_TENSORS - {M.ROPE_FREQS} - DENSE_FFN | MOE_FFN | {M.ATTN_Q_NORM, M.ATTN_K_NORM},
+         biases=frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V}),
+         hf_tensors=QWEN3MOE_HF_TENSORS, sub_norms=(M.ATTN_Q_NORM, M.ATTN_K_NORM),
+         expert_order=(M.FFN_DOWN_EXP, M.FFN_GATE_EXP, M.FFN_UP_EXP)),
 )}
 BY_HF_CLASS: dict[str, Arch] = {c: a for a in ARCHS.values() for c in a.hf_classes}
 
@@ -236,7 +291,7 @@ def hparam_metadata(arch: Arch, config: Mapping[str, Any], given: Mapping[str, A
         key = arch_key(hp.key, arch.gguf_name)
         if hp.default is GIVEN:
             value = given[key]
-        elif hp.default is OPTIONAL and _config_value(config, hp.hf) is None:
+        elif hp.value(config) is OPTIONAL:  # absent, or a default that writes nothing
             continue
         else:
             value = hp.number(config)
@@ -268,7 +323,7 @@ def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
         raise QtoolError(f"config.json: hidden_act is {_shown(act)}; llama.cpp's {arch.gguf_name} graph computes "
                          "SiLU (silu), so the converted file would give wrong results")
     for hp in arch.hparams:
-        if hp.default is GIVEN or hp.default is OPTIONAL and _config_value(config, hp.hf) is None:
+        if hp.default is GIVEN or hp.value(config) is OPTIONAL:
             continue
         hp.number(config)
     if config.get("vocab_size") is not None:
@@ -286,6 +341,29 @@ def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
     if head_dim % 2:  # RoPE rotates pairs
         raise QtoolError(f"config.json: head size {head_dim} is odd; RoPE needs an even one")
     _check_rope_scaling(config)
+    _check_experts(arch, config)
+
+
+def _check_experts(arch: Arch, config: Mapping[str, Any]) -> None:
+    """A mixture of experts: an architecture whose graph has them, a used count from 1 to the expert count, and
+    the routing llama.cpp's graph computes (it renormalizes the chosen experts' weights)."""
+    n_expert = n_experts(config)
+    if not n_expert:
+        if arch.expert_order and not DENSE_FFN <= arch.tensors:
+            raise QtoolError(f"config.json: num_experts is missing; llama.cpp's {arch.gguf_name} graph needs experts")
+        return
+    if not arch.expert_order:
+        raise QtoolError(f"config.json: {HP_EXPERTS.hf[0]} {n_expert}, but llama.cpp's {arch.gguf_name} graph "
+                         "has no experts")
+    if _config_value(config, HP_EXPERTS_USED.hf) is None:
+        raise QtoolError(f"config.json has none of {', '.join(HP_EXPERTS_USED.hf)} (experts used per token)")
+    used = HP_EXPERTS_USED.number(config)
+    if used > n_expert:
+        raise QtoolError(f"config.json: {used} experts used per token, but there are only {n_expert}")
+    HP_FF_EXP.number(config)
+    if config.get("norm_topk_prob") is False:
+        raise QtoolError("config.json: norm_topk_prob is false; llama.cpp's graph renormalizes the chosen experts' "
+                         "weights, so the converted file would give wrong results")
 
 
 UNWRITTEN_ROPE_SCALING = ("linear", "yarn", "su", "longrope")  # rope types with keys qtool does not write
@@ -321,9 +399,14 @@ HF_SHAPES: dict[ModelTensor, tuple[str, ...]] = {
     M.ATTN_Q: ("q", "hidden"), M.ATTN_K: ("kv", "hidden"), M.ATTN_V: ("kv", "hidden"), M.ATTN_OUT: ("hidden", "q"),
     M.FFN_GATE: ("ff", "hidden"), M.FFN_UP: ("ff", "hidden"), M.FFN_DOWN: ("hidden", "ff"),
     M.ATTN_SUB_NORM: ("hidden",), M.FFN_SUB_NORM: ("ff",), M.ATTN_Q_NORM: ("head",), M.ATTN_K_NORM: ("head",),
+    # one expert's slice of the stacked tensors, as the checkpoint stores each expert apart
+    M.FFN_GATE_INP: ("experts", "hidden"), M.FFN_GATE_EXP: ("ff_exp", "hidden"), M.FFN_UP_EXP: ("ff_exp", "hidden"),
+    M.FFN_DOWN_EXP: ("hidden", "ff_exp"),
 }
-# what every layer and the model must have for llama.cpp to load the file (lm_head is optional: tied embeddings)
+# what every layer and the model must have for llama.cpp to load the file (lm_head is optional: tied embeddings);
+# a layer's feed-forward is dense or, when config.json counts experts, a router and every expert's three weights
 LAYER_TENSORS = (M.ATTN_NORM, M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.ATTN_OUT, M.FFN_NORM, M.FFN_GATE, M.FFN_UP, M.FFN_DOWN)
+MOE_LAYER_TENSORS = LAYER_TENSORS[:6] + (M.FFN_GATE_INP,)
 MODEL_TENSORS = (M.TOKEN_EMBD, M.OUTPUT_NORM)
 
 
@@ -331,23 +414,36 @@ def check_tensors(arch: Arch, config: Mapping[str, Any], shapes: Mapping[str, tu
     """Every checkpoint tensor's shape against the (checked) config, every layer below num_hidden_layers, and
     every tensor the graph needs present: a contradiction is an error before anything is written."""
     head_dim, n_head, n_kv = HP_HEAD_DIM.number(config), HP_HEADS.number(config), HP_HEADS_KV.number(config)
+    n_expert = n_experts(config)
     dims = {"hidden": HP_HIDDEN.number(config), "q": n_head * head_dim, "kv": n_kv * head_dim,
-            "ff": HP_FF.number(config), "head": head_dim,
+            "ff": HP_FF.number(config), "head": head_dim, "experts": n_expert,
+            "ff_exp": HP_FF_EXP.number(config) if n_expert else 0,
             "vocab": None if config.get("vocab_size") is None else int(config["vocab_size"])}  # checked in check_config
     # how each dimension follows from config.json, for the error
     source = {"hidden": f"hidden_size {dims['hidden']}", "q": f"num_attention_heads {n_head} × head size {head_dim}",
               "kv": f"num_key_value_heads {n_kv} × head size {head_dim}", "ff": f"intermediate_size {dims['ff']}",
-              "head": f"head size {head_dim}"}
+              "head": f"head size {head_dim}", "experts": f"{n_expert} experts",
+              "ff_exp": f"expert feed-forward size {dims['ff_exp']}"}
     n_layer = HP_LAYERS.number(config)
+    layer_kinds = (MOE_LAYER_TENSORS if n_expert else LAYER_TENSORS) + arch.sub_norms
     seen: set[tuple[ModelTensor, int | None]] = set()
+    experts_seen: set[tuple[ModelTensor, int, int]] = set()
     for name, shape in shapes.items():
-        found = hf_tensor_kind(name, arch)
+        found = _parse(name, arch)
         if found is None:
             continue
-        kind, layer, suffix = found
-        if (layer is None) != (kind not in LAYER_TENSORS + arch.sub_norms) or layer is not None and layer >= n_layer:
+        kind, layer, xid, suffix = found
+        if (layer is None) != (kind not in LAYER_TENSORS + MOE_LAYER_TENSORS + EXPERT_KINDS + arch.sub_norms) \
+                or layer is not None and layer >= n_layer:
             raise QtoolError(f"tensor {name}: layer {layer} does not exist (config.json: num_hidden_layers "
                              f"{n_layer})")
+        if (kind in MOE_FFN) != bool(n_expert) and kind in MOE_FFN | DENSE_FFN:
+            raise QtoolError(f"tensor {name}: a {'dense' if n_expert else 'mixture-of-experts'} feed-forward "
+                             f"weight, but config.json gives {n_expert or 'no'} experts")
+        if xid is not None:
+            if xid >= n_expert:
+                raise QtoolError(f"tensor {name}: expert {xid} does not exist (config.json: {n_expert} experts)")
+            experts_seen.add((kind, layer, xid))
         if kind in (M.TOKEN_EMBD, M.OUTPUT) and dims["vocab"] is None and len(shape) == 2:
             dims["vocab"] = shape[0]  # no vocab_size: the first embedding decides, the other must agree
         want = HF_SHAPES[kind] if suffix == "weight" else HF_SHAPES[kind][:1]
@@ -360,8 +456,9 @@ def check_tensors(arch: Arch, config: Mapping[str, Any], shapes: Mapping[str, tu
         if suffix == "weight":
             seen.add((kind, layer))
     missing = [tensor_name(k) for k in MODEL_TENSORS if (k, None) not in seen]
-    missing += [tensor_name(k, b) for b in range(n_layer) for k in LAYER_TENSORS + arch.sub_norms
-                if (k, b) not in seen]
+    missing += [tensor_name(k, b) for b in range(n_layer) for k in layer_kinds if (k, b) not in seen]
+    missing += [f"expert {x} of {tensor_name(k, b)}" for b in range(n_layer) for k in EXPERT_KINDS
+                for x in range(n_expert) if (k, b, x) not in experts_seen]
     if missing:
         raise QtoolError(f"no weight for {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
                          f" among the checkpoint's tensors (config.json: num_hidden_layers {n_layer})")
@@ -383,12 +480,28 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def hf_tensor_kind(hf_name: str, arch: Arch) -> tuple[ModelTensor, int | None, str] | None:
-    """(kind, layer, "weight" | "bias") of a checkpoint tensor; None for tensors llama.cpp does not need."""
+    """(kind, layer, "weight" | "bias") of a checkpoint tensor; None for tensors llama.cpp does not need. One
+    expert's weight has the kind of the stacked tensor it goes into (hf_expert gives its number)."""
+    found = _parse(hf_name, arch)
+    return None if found is None else (found[0], found[1], found[3])
+
+
+def hf_expert(hf_name: str, arch: Arch) -> int | None:
+    """The expert number of a checkpoint tensor that is one expert's weight, else None."""
+    found = _parse(hf_name, arch)
+    return None if found is None else found[2]
+
+
+def _parse(hf_name: str, arch: Arch) -> tuple[ModelTensor, int | None, int | None, str] | None:
+    """(kind, layer, expert, suffix): the first number in the name is the layer, a second one the expert."""
     if IGNORED.match(hf_name):
         return None
     stem, _, suffix = hf_name.rpartition(".")
     m = _LAYER.search(stem + ".")
-    key = (stem[:m.start()] + ".{bid}." + stem[m.end():] if m else stem).rstrip(".")
+    key, xid = (stem[:m.start()] + ".{bid}." + stem[m.end():] if m else stem).rstrip("."), None
+    if m and (x := _LAYER.search(key + ".", m.start() + len(".{bid}"))):
+        key, xid = key[:x.start()] + ".{xid}." + key[x.end():], int(x.group(1))
+        key = key.rstrip(".")
     kind = arch.hf_tensors.get(key)
     if kind is not None and kind not in arch.tensors:  # e.g. bitnet's lm_head: its graph reads token_embd instead
         raise QtoolError(f"tensor {hf_name} has no GGUF equivalent: llama.cpp's {arch.gguf_name} graph reads no "
@@ -396,7 +509,7 @@ def hf_tensor_kind(hf_name: str, arch: Arch) -> tuple[ModelTensor, int | None, s
     if (kind is None or suffix not in ("weight", "bias")
             or suffix == "bias" and kind not in arch.biases):
         raise QtoolError(f"tensor {hf_name} has no GGUF equivalent in qtool's name table")
-    return kind, int(m.group(1)) if m else None, suffix
+    return kind, int(m.group(1)) if m else None, xid, suffix
 
 
 def gguf_tensor_name(hf_name: str, arch: Arch | None = None) -> str | None:
@@ -438,6 +551,8 @@ class HParams:
     rope_mode: str  # "normal" | "neox"
     freq_scale: float
     n_ctx_train: int
+    n_expert: int = 0  # experts per MoE layer; 0 for a dense model
+    n_expert_used: int = 0  # experts each token is routed to
 
 
 MAX_HPARAM = 2**31 - 1  # llama.cpp keeps hparams in int32/uint32
@@ -508,6 +623,10 @@ def hparams_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any] | 
         freq_scale = 1.0 / factor if factor else 1.0
     elif stype not in (None, "none"):
         raise QtoolError(f"RoPE scaling {stype!r} is not supported by the runner (linear and Llama 3's are)")
+    n_expert = key_int(K.LLM.EXPERT_COUNT, 0, lo=0)
+    n_expert_used = key_int(K.LLM.EXPERT_USED_COUNT, 0, lo=0)
+    if n_expert and not 1 <= n_expert_used <= n_expert:  # llama.cpp asserts the same
+        raise QtoolError(f"{n_expert_used} experts used per token do not fit {n_expert} experts")
     embd_name = tensor_name(M.TOKEN_EMBD)
     if tensors is not None:
         emb = tensors.get(embd_name)
@@ -522,7 +641,8 @@ def hparams_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any] | 
                    n_ff=key_int(K.LLM.FEED_FORWARD_LENGTH, 0, lo=0),
                    eps=key_float(K.Attention.LAYERNORM_RMS_EPS, 1e-5),
                    rope_base=key_float(K.Rope.FREQ_BASE, 10000.0), n_rot=n_rot, rope_mode=ARCHS[arch].rope_mode,
-                   freq_scale=freq_scale, n_ctx_train=_ctx(key(K.LLM.CONTEXT_LENGTH, 0), arch))
+                   freq_scale=freq_scale, n_ctx_train=_ctx(key(K.LLM.CONTEXT_LENGTH, 0), arch),
+                   n_expert=n_expert, n_expert_used=n_expert_used)
 
 
 def _ctx(v: Any, arch: str) -> int:

@@ -135,8 +135,7 @@ def imatrix_from_checkpoint(src: str, text: str, dataset: str, n_ctx: int = 512,
         del stream
         secs = time.perf_counter() - t0
         n_tokens = len(wins) * n_ctx
-        chunk_count = max(collector.counts.values(), default=0) // n_ctx
-        data = collector.data(n_ctx, chunk_count, [dataset])
+        data = collector.data(n_ctx, collector.chunk_count(n_ctx), [dataset])
         return im.Result(data, n_ctx, len(wins), n_tokens, secs, n_tokens / secs if secs > 0 else float("inf"))
     finally:
         plan.close()

@@ -154,12 +154,26 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
         jobs.append(TensorJob(tensor_name(ModelTensor.ROPE_FREQS), factors.shape, GGMLType.F32,
                               lambda f=factors: Stored(f, "F32")))
 
+    n_expert = archs.n_experts(config)
+    experts: dict[int, dict[tuple[ModelTensor, int], str]] = {}  # layer → (kind, expert) → checkpoint name
     for hf_name in ckpt.names:
         found = archs.hf_tensor_kind(hf_name, arch)
         if found is None:
             continue
         name = tensor_name(*found)
-        kind, _, suffix = found
+        kind, layer, suffix = found
+        xid = archs.hf_expert(hf_name, arch)
+        if xid is not None:
+            # as llama.cpp's converter: a layer's experts are stacked when its last one is read, in its order
+            got = experts.setdefault(layer, {})
+            got[kind, xid] = hf_name
+            if len(got) == n_expert * len(archs.EXPERT_KINDS):
+                for k in arch.expert_order:
+                    parts = [got[k, x] for x in range(n_expert)]
+                    shape = (n_expert, *ckpt.shape(parts[0]))
+                    jobs.append(TensorJob(tensor_name(k, layer), shape, GGMLType.F32,
+                                          partial(_stacked, ckpt, parts)))
+            continue
         heads = {ModelTensor.ATTN_Q: n_head, ModelTensor.ATTN_K: n_head_kv}.get(kind, 0)
         permute = arch.permute_qk and heads > 0 and suffix == "weight"
         ternary = kind in arch.ternary and suffix == "weight"
@@ -175,7 +189,7 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
     if not jobs:
         raise QtoolError(f"{ckpt.folder}: no tensors to convert")
     n_layer = archs.HP_LAYERS.number(config)
-    _assign_types(jobs, key, recipes.ModelFacts(arch.gguf_name, n_layer, n_head, n_head_kv), opts)
+    _assign_types(jobs, key, recipes.ModelFacts(arch.gguf_name, n_layer, n_head, n_head_kv, n_expert), opts)
 
     model_name = ckpt.folder.name if ckpt.folder.name not in ("", ".") else "model"
     if "snapshots" in ckpt.folder.parts:  # hub cache: models--org--name/snapshots/<hash>
@@ -184,13 +198,44 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
     G = Keys.General
     md = [(G.ARCHITECTURE, arch.gguf_name, ValueType.STRING, None),
           (G.TYPE, "model", ValueType.STRING, None)]
-    md += general_metadata(ckpt.folder, config, model_name, n_params)
+    md += _expert_size_label(general_metadata(ckpt.folder, config, model_name, n_params), jobs, n_params)
     md += archs.hparam_metadata(arch, config, {
         G.FILE_TYPE: int(FILE_TYPES[key]), arch_key(Keys.LLM.VOCAB_SIZE, arch.gguf_name): n_vocab})
     md.append((G.QUANTIZATION_VERSION, GGML_QUANTIZATION_VERSION, ValueType.UINT32, None))
     md += tok.entries
     card = model_card_warning(ckpt.folder)
     return Plan(md, jobs, model_name, key, tok.warnings + ([card] if card else []), ckpt.close)
+
+
+def _stacked(ckpt: Checkpoint, parts: list[str]) -> Stored:
+    """One layer's experts of one kind as a (n_expert, rows, cols) tensor: a copy of this tensor only (the
+    experts' other kinds are read when their own tensor is encoded). Mixed dtypes are widened to float32."""
+    stored = [ckpt.stored(p) for p in parts]
+    dtypes = {d for _, d in stored}
+    if len(dtypes) == 1:
+        values, dtype = np.stack([v for v, _ in stored]), dtypes.pop()
+    else:
+        from qtool.kernels import convert as cast
+        values, dtype = np.stack([cast.convert(v, d, "F32")[0] for v, d in stored]), "F32"
+    del stored
+
+    def release() -> None:
+        for p in parts:
+            ckpt.release(p)
+    return Stored(values, dtype, release=release)
+
+
+def _expert_size_label(md: list, jobs: list[TensorJob], n_params: int) -> list:
+    """gguf-py's size label of a mixture of experts, "{n_expert}x{params with one expert}" (as
+    GGUFWriter.get_total_parameter_count counts them), in place of the total general_metadata computed."""
+    exps = [j for j in jobs if "_exps." in j.name and len(j.shape) >= 3]
+    if not exps:
+        return md
+    from qtool.formats.hf_metadata import size_label
+    n_expert = sum(j.shape[0] for j in exps) // len(exps)
+    one_expert = n_params - sum(math.prod(j.shape) for j in exps) + sum(math.prod(j.shape) // j.shape[0] for j in exps)
+    computed, label = size_label(n_params), f"{n_expert}x{size_label(one_expert)}"
+    return [(k, label if k == Keys.General.SIZE_LABEL and v == computed else v, *rest) for k, v, *rest in md]
 
 
 def _plan_gguf(path: Path, key: str, opts: RecipeOptions, allow_requantize: bool) -> Plan:

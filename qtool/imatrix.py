@@ -12,8 +12,8 @@ the collector, and the plain weights are put back afterwards.
 
 Known difference: llama-imatrix ignores a product of fewer than 16 tokens (a last micro-batch of a decode call,
 which happens only for contexts that leave such a remainder of its 512-token micro-batches); qtool counts every
-token. MoE products (`Collector.experts`, llama.cpp's MUL_MAT_ID branch: per-expert rows and counts) are ready
-for the runner's MoE layers, which have not landed: today every product is dense.
+token. MoE products (the runner's `Experts`, observed through `Collector.experts`) keep llama.cpp's MUL_MAT_ID
+statistics: per expert, the rows routed to it and their count.
 """
 from __future__ import annotations
 
@@ -121,6 +121,10 @@ class Collector:
         if not _accumulate_experts(s2, self.sum1[name], self.expert_counts[name], x, ids):
             raise QtoolError(f"imatrix: non-finite activations reached {name}: the model's weights are broken")
 
+    def chunk_count(self, n_ctx: int) -> int:
+        """llama-imatrix's chunk_count: its largest token count (an expert's, for MoE tensors) over the chunk size."""
+        return max([*self.counts.values(), *(int(c.max()) for c in self.expert_counts.values())], default=0) // n_ctx
+
     def data(self, chunk_size: int, chunk_count: int, datasets: list[str]) -> ImatrixData:
         entries = {name: ImatrixEntry(self.sum2[name].reshape(len(c), -1).copy(), c.astype(np.float32),
                                       self.sum1[name].reshape(len(c), -1).copy())
@@ -184,8 +188,5 @@ def collect(model, text: str, n_ctx: int, dataset: str, max_chunks: int | None =
         model.reset()
     secs = time.perf_counter() - t0
     n_tokens = len(wins) * n_ctx
-    # llama-imatrix's chunk_count is its largest token count over the chunk size: the chunks evaluated
-    chunk_count = max([*collector.counts.values(), *(int(c.max()) for c in collector.expert_counts.values())],
-                      default=0) // n_ctx
-    data = collector.data(n_ctx, chunk_count, [dataset])
+    data = collector.data(n_ctx, collector.chunk_count(n_ctx), [dataset])
     return Result(data, n_ctx, len(wins), n_tokens, secs, n_tokens / secs if secs > 0 else float("inf"))

@@ -1,4 +1,4 @@
-"""The runner's model: the Llama-family forward pass (GGUF architectures `llama`, `qwen2`, `qwen3`, `bitnet`) on a
+"""The runner's model: the Llama-family forward pass (GGUF architectures `llama`, `qwen2`, `qwen3`, `qwen3moe`, `bitnet`) on a
 memory-mapped GGUF file. The weights (qtool/weights.py) stay in their stored form and carry their own products
 (kernels/matmul.py); the KV cache and attention are qtool/attention.py.
 
@@ -12,6 +12,9 @@ It follows llama.cpp's graph (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, bitnet
 - SwiGLU feed-forward, q/k/v biases when present, output tied to token_embd when output.weight is absent;
 - qwen3's per-head RMSNorm of Q and K (one head_dim weight for every head) after the projections, before RoPE,
   when the layer has attn_q_norm / attn_k_norm;
+- a mixture of experts when the layer has a router (build_moe_ffn with softmax gating, as llama.cpp's llama and
+  qwen3moe graphs call it): router logits → softmax → the n_expert_used most probable experts → their
+  probabilities renormalized to sum 1 (both graphs pass norm_w) → the weighted sum of each chosen expert's SwiGLU;
 - bitnet's sub-norms when the layer has them (bitnet.cpp): RMSNorm of the attention output before
   attn_output, and of silu(gate) * up before ffn_down;
 - the KV cache holds K and V as F16 (default, as llama.cpp), F32, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1; queries meet K
@@ -263,13 +266,44 @@ def _attention(c: HParams, L: LayerWeights, h: np.ndarray, cache: KVCache, i: in
     return o
 
 
+def _swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-gate) overflows to inf for very negative gates: silu is then 0
+        return gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+
 def _feed_forward(c: HParams, L: LayerWeights, h: np.ndarray) -> np.ndarray:
     """SwiGLU of the normed stream h (T, n_embd): down(silu(gate h) * up h), the product RMS-normed first when
-    the layer has ffn_sub_norm."""
+    the layer has ffn_sub_norm; a mixture of experts when it has a router."""
+    if L.ffn_gate_inp is not None:
+        return _experts(c, L, h)
     acts: dict = {}
-    gate, up = L.w_gate(h, acts), L.w_up(h, acts)
-    with np.errstate(over="ignore"):  # exp(-gate) overflows to inf for very negative gates: silu is then 0
-        act = gate / (np.float32(1.0) + np.exp(-gate)) * up
+    act = _swiglu(L.w_gate(h, acts), L.w_up(h, acts))
     if L.ffn_sub_norm is not None:
         act = _rms_norm(act, L.ffn_sub_norm, c.eps)
     return L.w_down(act)
+
+
+MIN_WEIGHT_SUM = np.float32(6.103515625e-5)  # build_moe_ffn clamps the chosen weights' sum to F16's smallest normal
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """ggml_soft_max's rows: exp(x - max) in float32, their sum in double, times the float32 reciprocal."""
+    e = np.exp(x - x.max(axis=1, keepdims=True)).astype(np.float32)
+    return e * (1.0 / e.sum(axis=1, dtype=np.float64)).astype(np.float32)[:, None]
+
+
+def _experts(c: HParams, L: LayerWeights, h: np.ndarray) -> np.ndarray:
+    """build_moe_ffn on the normed stream h (T, n_embd): each token's n_expert_used most probable experts, their
+    SwiGLUs weighted by the renormalized probabilities and summed slot by slot as ggml adds them."""
+    probs = _softmax(L.ffn_gate_inp(h))  # (T, n_expert)
+    ids = np.argsort(-probs, axis=1, kind="stable")[:, :c.n_expert_used]  # (T, n_used), most probable first
+    w = np.take_along_axis(probs, ids, axis=1)
+    w = w / np.maximum(w.sum(axis=1, dtype=np.float64).astype(np.float32), MIN_WEIGHT_SUM)[:, None]
+    # every slot reads the token's row; gate and up of one expert share its converted rows
+    x, acts = h[:, None, :], {}
+    act = _swiglu(L.ffn_gate_exps(x, ids, acts), L.ffn_up_exps(x, ids, acts))  # (T, n_used, n_ff)
+    y = L.ffn_down_exps(act, ids) * w[:, :, None]  # (T, n_used, n_embd)
+    out = y[:, 0]
+    for slot in range(1, ids.shape[1]):
+        out = out + y[:, slot]
+    return out

@@ -4,7 +4,8 @@ under the names of formats/constants.py's TENSOR_NAMES.
 Matrices are `qtool.kernels.matmul.Weight` objects that carry their own product (`w(x, acts)` is x @ W.T in
 llama.cpp's math for the weight's type), so the forward pass never looks at a type. Shapes are numpy's
 (rows, columns) = (out, in); GGUF lists them the other way round. In the comments qd = n_head * head_dim,
-kd = n_head_kv * head_dim, vd = n_head_kv * head_dim_v.
+kd = n_head_kv * head_dim, vd = n_head_kv * head_dim_v. A mixture-of-experts layer has a router and three
+`Experts` (a stacked tensor as one Weight per expert) in place of the dense SwiGLU weights.
 """
 from __future__ import annotations
 
@@ -21,6 +22,27 @@ from qtool.kernels import matmul as mm
 from qtool.kernels.matmul import Weight
 
 
+class Experts:
+    """A stacked (n_expert, n_out, n_in) tensor, one Weight per expert's 2-D slice: ggml_mul_mat_id's product.
+    The tokens routed to an expert go through its Weight as one batch, so a prompt stays batched."""
+    __slots__ = ("name", "experts", "n_out", "n_in")
+
+    def __init__(self, name: str, experts: list[Weight]):
+        self.name, self.experts = name, experts
+        self.n_out, self.n_in = experts[0].n_out, experts[0].n_in
+
+    def __call__(self, x: np.ndarray, ids: np.ndarray, acts: dict | None = None) -> np.ndarray:
+        """x (T, n_x, n_in), n_x 1 (every slot reads the token's row) or n_used; ids (T, n_used) the experts each
+        token was routed to → (T, n_used, n_out). `acts`, shared by the Experts applied to the same x and ids,
+        keeps each expert's converted input (expert → the Weight's acts dict)."""
+        out = np.empty((*ids.shape, self.n_out), np.float32)
+        for e in np.unique(ids):
+            t, slot = np.nonzero(ids == e)
+            rows = np.ascontiguousarray(x[t, slot % x.shape[1]])
+            out[t, slot] = self.experts[e](rows, None if acts is None else acts.setdefault(int(e), {}))
+        return out
+
+
 @dataclass
 class LayerWeights:
     """One transformer block."""
@@ -30,9 +52,13 @@ class LayerWeights:
     wv: Weight  # (vd, n_embd) values
     wo: Weight  # (n_embd, qd) attention output
     ffn_norm: np.ndarray  # (n_embd,) RMSNorm weight before the feed-forward
-    w_gate: Weight  # (n_ff, n_embd) SwiGLU gate
-    w_up: Weight  # (n_ff, n_embd) SwiGLU up
-    w_down: Weight  # (n_embd, n_ff) SwiGLU down
+    w_gate: Weight | None = None  # (n_ff, n_embd) SwiGLU gate (dense layers)
+    w_up: Weight | None = None  # (n_ff, n_embd) SwiGLU up
+    w_down: Weight | None = None  # (n_embd, n_ff) SwiGLU down
+    ffn_gate_inp: Weight | None = None  # (n_expert, n_embd) router logits (mixture-of-experts layers)
+    ffn_gate_exps: Experts | None = None  # (n_expert, n_ff, n_embd) each expert's SwiGLU gate
+    ffn_up_exps: Experts | None = None  # (n_expert, n_ff, n_embd) each expert's SwiGLU up
+    ffn_down_exps: Experts | None = None  # (n_expert, n_embd, n_ff) each expert's SwiGLU down
     bq: np.ndarray | None = None  # (qd,) biases, when the file has them (qwen2: q, k, v)
     bk: np.ndarray | None = None  # (kd,)
     bv: np.ndarray | None = None  # (vd,)
@@ -122,19 +148,48 @@ class _Loader:
         scale = self.vector(name.removesuffix(".weight") + ".scale", 1, required=False)
         return w if scale is None else ScaledWeight(w, scale[0])
 
+    def experts(self, name: str, n_expert: int, n_out: int, n_in: int) -> Experts:
+        t = self.tensor(name, (n_expert, n_out, n_in))
+        why = mm.check_type(t.ggml_type, n_in)
+        if why:
+            raise self.fail(f"tensor {name}: {why}")
+        # float: (n_expert, n_out, n_in); quantized: packed rows, n_out per expert
+        data = _as_stored(t.ggml_type, self.gguf.array(name)).reshape(n_expert, n_out, -1)
+        ws = [Weight(name, t.ggml_type, data[e], n_out, n_in) for e in range(n_expert)]
+        if ws[0].planes is not None:
+            self.gguf.release(name)
+        return Experts(name, ws)
+
+    def _feed_forward(self, cfg: HParams, i: int) -> dict:
+        """The layer's feed-forward weights: dense, or a router and experts when the file has a router."""
+        c = cfg
+        router = tensor_name(M.FFN_GATE_INP, i)
+        if self.tensor(router, None, required=False) is None:
+            n_ff = self.tensor(tensor_name(M.FFN_GATE, i), None).shape[0]  # the tensor decides, as llama.cpp
+            mat = lambda kind, n_out, n_in: self.matrix(tensor_name(kind, i), n_out, n_in)  # noqa: E731
+            return dict(w_gate=mat(M.FFN_GATE, n_ff, c.n_embd), w_up=mat(M.FFN_UP, n_ff, c.n_embd),
+                        w_down=mat(M.FFN_DOWN, c.n_embd, n_ff), n_ff=n_ff)
+        if not c.n_expert:
+            raise self.fail(f"tensor {router} is a mixture-of-experts router, but the metadata counts no experts")
+        gate = self.tensor(tensor_name(M.FFN_GATE_EXP, i), None)
+        n_ff = gate.shape[1] if len(gate.shape) == 3 else 0  # a wrong rank is reported by experts()
+        exps = lambda kind, n_out, n_in: self.experts(tensor_name(kind, i), c.n_expert, n_out, n_in)  # noqa: E731
+        return dict(ffn_gate_inp=self.matrix(router, c.n_expert, c.n_embd),
+                    ffn_gate_exps=exps(M.FFN_GATE_EXP, n_ff, c.n_embd), ffn_up_exps=exps(M.FFN_UP_EXP, n_ff, c.n_embd),
+                    ffn_down_exps=exps(M.FFN_DOWN_EXP, c.n_embd, n_ff), n_ff=n_ff)
+
     def layer(self, cfg: HParams, i: int) -> LayerWeights:
         c = cfg
         qd, kd, vd = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v
-        n_ff = self.tensor(tensor_name(M.FFN_GATE, i), None).shape[0]  # the tensor decides, as llama.cpp
         mat = lambda kind, n_out, n_in: self.matrix(tensor_name(kind, i), n_out, n_in)  # noqa: E731
         bias = lambda kind, n: self.vector(tensor_name(kind, i, "bias"), n, required=False)  # noqa: E731
+        ffn = self._feed_forward(c, i)
+        n_ff = ffn.pop("n_ff")
         return LayerWeights(
             attn_norm=self.vector(tensor_name(M.ATTN_NORM, i), c.n_embd),
             wq=mat(M.ATTN_Q, qd, c.n_embd), wk=mat(M.ATTN_K, kd, c.n_embd), wv=mat(M.ATTN_V, vd, c.n_embd),
             wo=mat(M.ATTN_OUT, c.n_embd, qd),
-            ffn_norm=self.vector(tensor_name(M.FFN_NORM, i), c.n_embd),
-            w_gate=mat(M.FFN_GATE, n_ff, c.n_embd), w_up=mat(M.FFN_UP, n_ff, c.n_embd),
-            w_down=mat(M.FFN_DOWN, c.n_embd, n_ff),
+            ffn_norm=self.vector(tensor_name(M.FFN_NORM, i), c.n_embd), **ffn,
             bq=bias(M.ATTN_Q, qd), bk=bias(M.ATTN_K, kd), bv=bias(M.ATTN_V, vd), bo=bias(M.ATTN_OUT, c.n_embd),
             attn_sub_norm=self.vector(tensor_name(M.ATTN_SUB_NORM, i), c.n_embd, required=False),
             ffn_sub_norm=self.vector(tensor_name(M.FFN_SUB_NORM, i), n_ff, required=False),
@@ -160,6 +215,22 @@ def load_weights(gguf: GGUFFile, cfg: HParams, fail: Callable[[str], QtoolError]
                         output_norm=output_norm, output=output, tied=out is None, rope_freqs=rope_freqs)
 
 
+class ObservedExperts:
+    """Experts that first hand their input and routing to `observer.experts(name, x, ids, n_expert)` (llama-imatrix's
+    MUL_MAT_ID statistics: per expert, the rows routed to it)."""
+    __slots__ = ("inner", "observer")
+
+    def __init__(self, inner: Experts, observer):
+        self.inner, self.observer = inner, observer
+
+    def __call__(self, x: np.ndarray, ids: np.ndarray, acts: dict | None = None) -> np.ndarray:
+        self.observer.experts(self.inner.name, x, ids, len(self.inner.experts))
+        return self.inner(x, ids, acts)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.inner, attr)
+
+
 class ObservedWeight:
     """A Weight that first hands its input to `observer(name, x)`: how the importance matrix sees every product
     without the forward pass knowing. Only installed by `observed`, so the plain runner pays nothing."""
@@ -178,10 +249,13 @@ class ObservedWeight:
 
 def observed_layer(L: LayerWeights, observer: Callable[[str, np.ndarray], None]):
     """A copy of the record L (a layer, or ModelWeights' own fields) whose matrices report each product's input
-    to `observer`."""
+    to `observer` (and whose experts to `observer.experts`)."""
     from dataclasses import fields, replace
-    return replace(L, **{f.name: ObservedWeight(getattr(L, f.name), observer) for f in fields(L)
-                         if isinstance(getattr(L, f.name), (Weight, ScaledWeight))})
+    wrap = {f.name: ObservedWeight(getattr(L, f.name), observer) for f in fields(L)
+            if isinstance(getattr(L, f.name), (Weight, ScaledWeight))}
+    wrap.update({f.name: ObservedExperts(getattr(L, f.name), observer) for f in fields(L)
+                 if isinstance(getattr(L, f.name), Experts)})
+    return replace(L, **wrap)
 
 
 def observed(w: ModelWeights, observer: Callable[[str, np.ndarray], None]) -> ModelWeights:

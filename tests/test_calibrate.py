@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import EXAMPLE_260K, EXAMPLE_EVAL, SHARED, qtool
+from conftest import EXAMPLE_260K, EXAMPLE_EVAL, SHARED, qtool_here
 from qtool.formats.imatrix import read_imatrix
 from qtool.formats.gguf_reader import GGUFFile
 
@@ -23,7 +23,7 @@ def test_layer_by_layer_equals_the_runner(tmp_path, monkeypatch):
     text = EXAMPLE_EVAL.read_text()
     streamed = calibrate.importance_matrix(str(EXAMPLE_260K), text, "eval", n_ctx=128, max_chunks=5)
     f32 = tmp_path / "f32.gguf"
-    qtool("convert", EXAMPLE_260K, "--type", "F32", "-o", f32, "--quiet", check=True)
+    qtool_here("convert", EXAMPLE_260K, "--type", "F32", "-o", f32, "--quiet", check=True)
     m = model_mod.Model(f32, n_ctx=128)
     try:
         ran = im.collect(m, text, 128, "eval", 5)
@@ -43,12 +43,12 @@ def test_one_command_equals_convert_with_the_saved_matrix(tmp_path):
     """--calibrate default (the text qtool ships) on a fresh clone: the file equals `convert --imatrix` with the
     matrix it saved, byte for byte, and records the calibration text."""
     one, two, saved = tmp_path / "one.gguf", tmp_path / "two.gguf", tmp_path / "m.imatrix.gguf"
-    proc = qtool("convert", EXAMPLE_260K, "--type", "Q4_K_M", "--calibrate", "default", "--calibrate-ctx", 64,
+    proc = qtool_here("convert", EXAMPLE_260K, "--type", "Q4_K_M", "--calibrate", "default", "--calibrate-ctx", 64,
                  "--calibrate-chunks", 4, "--save-imatrix", saved, "-o", one, check=True)
     assert "importance matrix from 4 chunks of 64 tokens" in proc.stderr
     data = read_imatrix(saved)
     assert data.chunk_count == 4 and data.datasets == ["qtool default calibration text"]
-    qtool("convert", EXAMPLE_260K, "--type", "Q4_K_M", "--imatrix", saved, "-o", two, "--quiet", check=True)
+    qtool_here("convert", EXAMPLE_260K, "--type", "Q4_K_M", "--imatrix", saved, "-o", two, "--quiet", check=True)
     assert one.read_bytes() == two.read_bytes()
     with GGUFFile(one) as g:
         assert g.get("quantize.imatrix.dataset") == "qtool default calibration text"
@@ -71,8 +71,8 @@ def test_calibrated_matrix_equals_llama_imatrix(tmp_path):
     if not (ref_path.is_file() and calib.is_file() and src.is_dir()):
         pytest.skip("needs ../shared (stories260K, its llama-imatrix file, the calibration text)")
     saved = tmp_path / "m.imatrix.gguf"
-    qtool("convert", src, "--type", "Q8_0", "--calibrate", calib, "--calibrate-ctx", 256, "--save-imatrix", saved,
-          "-o", tmp_path / "m.gguf", "--quiet", check=True, timeout=900)
+    qtool_here("convert", src, "--type", "Q8_0", "--calibrate", calib, "--calibrate-ctx", 256, "--save-imatrix", saved,
+          "-o", tmp_path / "m.gguf", "--quiet", check=True)
     data = read_imatrix(saved)
     data.datasets = read_imatrix(ref_path).datasets  # llama-imatrix records the path it was given
     assert_equals_llama_imatrix(data, read_imatrix(ref_path))
@@ -85,6 +85,6 @@ def test_calibrated_matrix_equals_llama_imatrix(tmp_path):
     (["--calibrate", "default", "--calibrate-ctx", "0"], "at least 1"),
 ])
 def test_calibrate_option_errors(tmp_path, args, message):
-    proc = qtool("convert", EXAMPLE_260K, "--type", "Q4_0", "-o", tmp_path / "o.gguf", *args)
+    proc = qtool_here("convert", EXAMPLE_260K, "--type", "Q4_0", "-o", tmp_path / "o.gguf", *args)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.gguf").exists()

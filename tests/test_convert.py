@@ -10,7 +10,7 @@ import pytest
 import sentencepiece
 from safetensors.numpy import load_file
 
-from conftest import assert_same_metadata, qtool, shared_model
+from conftest import assert_same_metadata, qtool, qtool_here, shared_model
 from qtool.archs import gguf_tensor_name, unpermute_qk
 from qtool.formats.gguf_reader import GGUFFile
 
@@ -129,7 +129,7 @@ def test_q8_0_file_dequantizes_close_to_f32(converted):
 
 def test_conversion_is_byte_identical_across_runs(tmp_path, stories260k, converted):
     again = tmp_path / "again.gguf"
-    qtool("convert", stories260k, "-o", again, "--type", "Q8_0", "--quiet", check=True)
+    qtool_here("convert", stories260k, "-o", again, "--type", "Q8_0", "--quiet", check=True)
     assert again.read_bytes() == converted("stories260K", "Q8_0").read_bytes()
 
 
@@ -141,7 +141,7 @@ def test_default_output_name_and_summary_line(tmp_path, stories260k):
 
 
 def test_quiet_prints_nothing(tmp_path, stories260k):
-    proc = qtool("convert", stories260k, "-o", tmp_path / "q.gguf", "--type", "F32", "--quiet", check=True)
+    proc = qtool_here("convert", stories260k, "-o", tmp_path / "q.gguf", "--type", "F32", "--quiet", check=True)
     assert proc.stdout == "" and proc.stderr == ""
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_metadata, qtool
+from conftest import assert_same_metadata, qtool_here
 from llama_oracle import need_llama_cpp
 from qtool.formats.gguf_reader import GGUFFile
 from qtool.formats.hf_tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT
@@ -73,7 +73,7 @@ def bpe_model(tmp_path_factory, eval_text):
             config.update(bos_token_id=tok.token_to_id(bos) if bos else None, eos_token_id=tok.token_to_id(eos))
             (folder / "config.json").write_text(json.dumps(config))
             out = folder.parent / f"{style}.gguf"
-            qtool("convert", folder, "-o", out, "--type", "F32", "--quiet", check=True)
+            qtool_here("convert", folder, "-o", out, "--type", "F32", "--quiet", check=True)
             made[style] = tok, out
         return made[style]
     return get

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import EXAMPLE_260K, REPO, SHARED, qtool
+from conftest import EXAMPLE_260K, REPO, SHARED, qtool, qtool_here
 from llama_oracle import ggml_quantize, need_llama_cpp
 from qtool.formats.constants import FLOAT_TYPES, Keys
 from qtool.formats.gguf_reader import GGUFFile
@@ -41,12 +41,12 @@ def test_tensors_equal_llama_cpp_with_the_reference_imatrix(type_name, converted
         pytest.skip(f"{REFERENCE} is not here")
     src = converted("stories3M", "F32")
     out = tmp_path / f"{type_name}.gguf"
-    proc = qtool("convert", src, "-o", out, "--type", type_name, "--imatrix", REFERENCE, check=True)
+    proc = qtool_here("convert", src, "-o", out, "--type", type_name, "--imatrix", REFERENCE, check=True)
     assert assert_tensors_equal_llama_cpp(src, out, REFERENCE) >= 36  # 6 layers x 6-7 matrices carry weights
     # token_embd has no entry (llama-imatrix collects blk.* only): named, as llama.cpp logs it
     assert "no entry for" in proc.stderr and "token_embd.weight" in proc.stderr
     plain = tmp_path / "plain.gguf"  # the same requantization without an imatrix (llama-quantize's, byte for byte)
-    qtool("convert", src, "-o", plain, "--type", type_name, "--quiet", check=True)
+    qtool_here("convert", src, "-o", plain, "--type", type_name, "--quiet", check=True)
     with GGUFFile(out) as g, GGUFFile(plain) as p:
         assert {n: t.ggml_type for n, t in g.tensors.items()} == {n: t.ggml_type for n, t in p.tensors.items()}
         keys = list(g.fields)
@@ -62,18 +62,18 @@ def test_exclude_and_include_weights_filter_entries(converted, tmp_path):
         pytest.skip(f"{REFERENCE} is not here")
     src = converted("stories3M", "F32")
     out = tmp_path / "ex.gguf"
-    proc = qtool("convert", src, "-o", out, "--type", "Q4_K_M", "--imatrix", REFERENCE, "--exclude-weights", "blk.0.",
+    proc = qtool_here("convert", src, "-o", out, "--type", "Q4_K_M", "--imatrix", REFERENCE, "--exclude-weights", "blk.0.",
                  check=True)
     assert "blk.0.attn_q.weight" in proc.stderr
     assert_tensors_equal_llama_cpp(src, out, REFERENCE, without=("blk.0.",))
     with GGUFFile(out) as g:
         assert g.get(Q.IMATRIX_N_ENTRIES) == 42 - 7
     out = tmp_path / "in.gguf"
-    qtool("convert", src, "-o", out, "--type", "Q4_K_M", "--imatrix", REFERENCE, "--include-weights", "ffn_",
+    qtool_here("convert", src, "-o", out, "--type", "Q4_K_M", "--imatrix", REFERENCE, "--include-weights", "ffn_",
           check=True)
     with GGUFFile(out) as g:
         assert g.get(Q.IMATRIX_N_ENTRIES) == 6 * 3
-    both = qtool("convert", src, "-o", tmp_path / "x.gguf", "--type", "Q4_K_M", "--imatrix", REFERENCE,
+    both = qtool_here("convert", src, "-o", tmp_path / "x.gguf", "--type", "Q4_K_M", "--imatrix", REFERENCE,
                  "--include-weights", "ffn_", "--exclude-weights", "attn")
     assert both.returncode == 2 and "cannot be used together" in both.stderr and not (tmp_path / "x.gguf").exists()
 
@@ -82,12 +82,12 @@ def test_bundled_model_with_its_own_imatrix(tmp_path):
     """No ../shared needed: qtool imatrix on the bundled model (calibrated on the repository's README, not on any
     evaluation text), then convert with it."""
     f32 = tmp_path / "s.F32.gguf"
-    qtool("convert", EXAMPLE_260K, "-o", f32, "--type", "F32", "--quiet", check=True)
+    qtool_here("convert", EXAMPLE_260K, "-o", f32, "--type", "F32", "--quiet", check=True)
     imx = tmp_path / "imatrix.gguf"
-    qtool("imatrix", f32, "--text", REPO / "README.md", "--ctx", "64", "--chunks", "4", "-o", imx, "--quiet",
+    qtool_here("imatrix", f32, "--text", REPO / "README.md", "--ctx", "64", "--chunks", "4", "-o", imx, "--quiet",
           check=True)
     out = tmp_path / "s.Q4_0.gguf"
-    qtool("convert", f32, "-o", out, "--type", "Q4_0", "--imatrix", imx, "--quiet", check=True)
+    qtool_here("convert", f32, "-o", out, "--type", "Q4_0", "--imatrix", imx, "--quiet", check=True)
     assert assert_tensors_equal_llama_cpp(f32, out, imx) > 0
     bad = qtool("convert", f32, "-o", tmp_path / "y.gguf", "--type", "Q4_0", "--imatrix", tmp_path / "none.gguf")
     assert bad.returncode == 1 and "no such importance-matrix file" in bad.stderr and "Traceback" not in bad.stderr

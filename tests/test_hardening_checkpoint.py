@@ -615,10 +615,13 @@ def test_ctrl_c_while_the_temporary_file_is_created_or_removed_is_delayed(tmp_pa
     w = gguf_writer.GGUFWriter(tmp_path / "w.gguf")
     w.add_tensor("t", (4,), GGMLType.F32)
     reached = []
+    # Python's own handler, even where the suite was started with SIGINT ignored (a shell's background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(KeyboardInterrupt):
         with gguf_writer._signals_held():
             signal.raise_signal(signal.SIGINT)
             w.open()
             reached.append(True)
             w.abort()
+    signal.signal(signal.SIGINT, previous)
     assert reached and list(tmp_path.iterdir()) == []

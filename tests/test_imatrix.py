@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import EXAMPLE_260K, EXAMPLE_EVAL, SHARED, qtool
+from conftest import EXAMPLE_260K, EXAMPLE_EVAL, SHARED, qtool, qtool_here
 from qtool.errors import QtoolError
 from qtool.formats.imatrix import ImatrixData, ImatrixEntry, read_imatrix, write_imatrix
 
@@ -172,8 +172,8 @@ def ours(converted, tmp_path_factory):
         if model not in cache:
             need(CALIB)
             out = folder / f"{model}.imatrix.gguf"
-            proc = qtool("imatrix", converted(model, "F32"), "--text", CALIB, "--ctx", "256", "-o", out, "--json",
-                         check=True, timeout=900)
+            proc = qtool_here("imatrix", converted(model, "F32"), "--text", CALIB, "--ctx", "256", "-o", out,
+                              "--json", check=True)
             cache[model] = (read_imatrix(out), json.loads(proc.stdout))
         return cache[model]
     return get
@@ -214,10 +214,10 @@ def test_bundled_example_without_shared(tmp_path):
     """On examples/stories260K: entries, counts and chunking as llama-imatrix's, and layer 0's attention input
     recomputed here from the file's own tensors (embedding rows through the RMSNorm)."""
     model = tmp_path / "s.gguf"
-    qtool("convert", EXAMPLE_260K, "--type", "F32", "-o", model, "--quiet", check=True)
+    qtool_here("convert", EXAMPLE_260K, "--type", "F32", "-o", model, "--quiet", check=True)
     out = tmp_path / "imatrix.gguf"
     ctx, n = 64, 3
-    proc = qtool("imatrix", model, "--text", EXAMPLE_EVAL, "--ctx", ctx, "--chunks", n, "-o", out, "--quiet",
+    proc = qtool_here("imatrix", model, "--text", EXAMPLE_EVAL, "--ctx", ctx, "--chunks", n, "-o", out, "--quiet",
                  check=True)
     assert proc.stdout == "" and proc.stderr == ""
     data = read_imatrix(out)
@@ -254,7 +254,7 @@ def test_bundled_example_without_shared(tmp_path):
 def test_process_output_and_errors(tmp_path, converted):
     model = converted("stories3M", "F32")
     out = tmp_path / "o.gguf"
-    proc = qtool("imatrix", model, "--text", EXAMPLE_EVAL, "--ctx", "32", "--chunks", "2", "--process-output",
+    proc = qtool_here("imatrix", model, "--text", EXAMPLE_EVAL, "--ctx", "32", "--chunks", "2", "--process-output",
                  "-o", out, "--json", check=True)
     summary = json.loads(proc.stdout)
     data = read_imatrix(out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SHARED, qtool
+from conftest import SHARED, qtool_here
 from llama_oracle import ggml_quantize, need_llama_cpp
 from rows import importance, random_rows
 
@@ -94,5 +94,5 @@ def test_convert_with_an_imatrix(type_name, converted, tmp_path):
     from test_convert_imatrix import assert_tensors_equal_llama_cpp
     src = converted("stories3M", "F32")
     out = tmp_path / f"{type_name}.gguf"
-    qtool("convert", src, "-o", out, "--type", type_name, "--imatrix", reference, check=True)
+    qtool_here("convert", src, "-o", out, "--type", type_name, "--imatrix", reference, check=True)
     assert assert_tensors_equal_llama_cpp(src, out, reference) >= 36

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, qtool
+from conftest import REPO, qtool_here
 
 _spec = importlib.util.spec_from_file_location("make_checkpoint", REPO / "scripts" / "make_checkpoint.py")
 mc = importlib.util.module_from_spec(_spec)
@@ -143,7 +143,7 @@ def test_convert_is_byte_identical_sharded_or_not_and_when_repeated(tmp_path, pa
     one, three = pair
     outs = [tmp_path / "one.gguf", tmp_path / "three.gguf", tmp_path / "one-again.gguf"]
     for src, out in zip((one, three, one), outs):
-        qtool("convert", src, "-o", out, "--type", type_name, "--quiet", check=True)
+        qtool_here("convert", src, "-o", out, "--type", type_name, "--quiet", check=True)
     digests = {_digest(o) for o in outs}
     assert len(digests) == 1, "conversions differ"
     gguf = pytest.importorskip("gguf")

@@ -8,7 +8,7 @@ import ctypes
 
 import pytest
 
-from conftest import SHARED, qtool, qtool_here
+from conftest import SHARED, qtool_here
 from llama_oracle import need_llama_cpp
 from qtool.formats.constants import FILE_TYPES
 from qtool.formats.gguf_reader import GGUFFile
@@ -107,9 +107,9 @@ def test_converting_the_checkpoint_gives_llama_quantize_tensors(type_name, conve
 
 def test_requantizing_a_quantized_file_needs_allow_requantize(converted, tmp_path):
     src = converted("stories3M", "Q8_0")
-    proc = qtool("convert", src, "-o", tmp_path / "x.gguf", "--type", "Q4_0")
+    proc = qtool_here("convert", src, "-o", tmp_path / "x.gguf", "--type", "Q4_0")
     assert proc.returncode == 1 and "--allow-requantize" in proc.stderr and not (tmp_path / "x.gguf").exists()
-    proc = qtool("convert", src, "-o", tmp_path / "x.gguf", "--type", "Q4_0", "--allow-requantize")
+    proc = qtool_here("convert", src, "-o", tmp_path / "x.gguf", "--type", "Q4_0", "--allow-requantize")
     assert proc.returncode == 0 and "warning" in proc.stderr
     with GGUFFile(tmp_path / "x.gguf") as g:
         assert g.get("general.file_type") == int(FILE_TYPES["Q4_0"])
@@ -117,7 +117,7 @@ def test_requantizing_a_quantized_file_needs_allow_requantize(converted, tmp_pat
 
 def test_options_reach_the_recipe(converted, tmp_path):
     out = tmp_path / "o.gguf"
-    qtool("convert", converted("stories3M", "F32"), "-o", out, "--type", "Q4_K_M", "--pure",
+    qtool_here("convert", converted("stories3M", "F32"), "-o", out, "--type", "Q4_K_M", "--pure",
           "--output-tensor-type", "q8_0", "--tensor-type", r"blk\.0\.attn_q=q5_k", "--quiet", check=True)
     with GGUFFile(out) as g:
         assert g.tensors["output.weight"].ggml_type.name == "Q8_0"

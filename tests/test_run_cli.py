@@ -31,13 +31,20 @@ def test_the_same_seed_gives_the_same_text(converted):
     assert len(a) > 40
 
 
+def _default_sigint() -> None:
+    # a suite started as a shell's background job inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: the child gets the default disposition a terminal user's process has
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """The CLI on a pseudo-terminal, as a person at a keyboard runs it."""
 
     def __init__(self, *args: str):
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen([sys.executable, "-m", "qtool", *args], stdin=slave, stdout=slave,
-                                     stderr=slave, cwd=REPO, start_new_session=True)
+                                     stderr=slave, cwd=REPO, start_new_session=True,
+                                     preexec_fn=_default_sigint)
         os.close(slave)
         self.seen = ""
         self.cursor = 0

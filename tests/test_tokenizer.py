@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import EXAMPLE_260K, EXAMPLE_EVAL, SHARED, qtool
+from conftest import EXAMPLE_260K, EXAMPLE_EVAL, SHARED, qtool_here
 from llama_oracle import need_llama_cpp
 from qtool.errors import QtoolError
 from qtool.tokenizer import (BYTE, BYTE_CHARS, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, StreamDecoder,
@@ -365,7 +365,7 @@ def test_bpe_equals_llama_cpp_on_a_converted_checkpoint(pre, stories260k, eval_t
     train_byte_level_bpe(pre, [training_text()] + BPE_TEXTS * 3, vocab_size=512).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>",
                                                               "eos_token": "<|endoftext|>"}))
-    qtool("convert", folder, "-o", tmp_path / "m.gguf", "--type", "F32", "--quiet", check=True)
+    qtool_here("convert", folder, "-o", tmp_path / "m.gguf", "--type", "F32", "--quiet", check=True)
     meta = gguf_metadata(tmp_path / "m.gguf")
     assert meta["tokenizer.ggml.pre"] == pre
     tok = Tokenizer.from_metadata(meta)

@@ -1,0 +1,260 @@
+"""Mixture of experts: tiny transformers MixtralForCausalLM (GGUF `llama` with experts) and Qwen3MoeForCausalLM
+(`qwen3moe`) checkpoints, converted by qtool, have the tensors and metadata llama.cpp's converter writes (experts
+stacked into blk.N.ffn_{gate,up,down}_exps, the router blk.N.ffn_gate_inp), llama.cpp's logits on them are
+transformers', and qtool's runner (router softmax, top-k, renormalized weights, per-expert SwiGLU) gives llama.cpp's.
+
+4 experts, 2 used per token, expert rows of 256: whole K-quant blocks, so Q4_K_M quantizes every expert tensor.
+The router weights are large enough that tokens spread over every expert (checked through the imatrix counts)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLE_EVAL, assert_same_metadata, qtool_here
+from llama_oracle import need_llama_cpp
+
+REPO = Path(__file__).resolve().parent.parent
+HIDDEN, N_EXPERT, N_USED, N_CTX = 256, 4, 2, 64
+CHECKPOINTS = ("mixtral", "qwen3moe")
+
+
+def _checkpoint(folder: Path, kind: str) -> tuple[Path, list[int], str | None]:
+    """(folder, prompt ids, the pre-tokenizer name llama.cpp's converter must be told) of a seeded random MoE
+    checkpoint saved by transformers (which writes each expert's weights apart, as published checkpoints do)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    common = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=N_USED, max_position_embeddings=128)
+    folder.mkdir(parents=True)
+    if kind == "mixtral":  # the stories260K SentencePiece vocabulary, untied output
+        vocab, pre = 512, None
+        cfg = transformers.MixtralConfig(vocab_size=vocab, intermediate_size=256, num_local_experts=N_EXPERT,
+                                         bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, **common)
+        cfg.architectures = ["MixtralForCausalLM"]
+        model_class = transformers.MixtralForCausalLM
+        for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(REPO / "examples" / "stories260K" / f, folder / f)
+    else:  # Qwen2MoeModel's converter reads only a BPE tokenizer.json: one trained here, tied embeddings
+        from test_convert_bpe import STYLES, train
+        tok = train("qwen2", EXAMPLE_EVAL.read_text())
+        vocab, pre = tok.get_vocab_size(), STYLES["qwen2"][0]
+        eos = tok.token_to_id(STYLES["qwen2"][1][0])
+        cfg = transformers.Qwen3MoeConfig(vocab_size=vocab, intermediate_size=512, moe_intermediate_size=256,
+                                          num_experts=N_EXPERT, head_dim=128, norm_topk_prob=True,
+                                          tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos,
+                                          rms_norm_eps=1e-6, **common)
+        cfg.architectures = ["Qwen3MoeForCausalLM"]
+        model_class = transformers.Qwen3MoeForCausalLM
+        tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|endoftext|>"}))
+    torch.manual_seed(0)
+    model = model_class(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))  # norms
+            elif "embed" in name or "lm_head" in name or name.endswith("gate.weight"):
+                p.copy_(0.5 * torch.randn_like(p))  # embeddings and routers
+            else:
+                p.copy_(0.05 * torch.randn_like(p))  # projections and experts
+    model.save_pretrained(folder)
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, vocab, 48)]
+    return folder, ids, pre
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def moe(request, tmp_path_factory):
+    """{kind, src, ids, pre, files: {type: qtool's GGUF}, reference: transformers' logits}."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tmp = tmp_path_factory.mktemp(request.param)
+    src, ids, pre = _checkpoint(tmp / "ckpt", request.param)
+    files = {}
+    for t in ("F32", "Q4_K_M"):
+        files[t] = tmp / f"m.{t}.gguf"
+        qtool_here("convert", src, "-o", files[t], "--type", t, "--quiet", check=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        reference = hf(torch.tensor([ids])).logits[0].numpy()
+    return dict(kind=request.param, src=src, ids=ids, pre=pre, files=files, reference=reference)
+
+
+def _llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    llama_cpp = need_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=2, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)  # F32 KV cache
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)])
+
+
+def _qtool_logits(path: Path, ids: list[int], decoded: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt's logits as one batch, and the first `decoded` tokens' one at a time (the decode kernels)."""
+    from qtool.model import Model
+    m = Model(path, n_ctx=N_CTX, kv_type="f32")
+    try:
+        batch = m.eval(ids, all_logits=True)
+        m.reset()
+        return batch, np.stack([m.eval(ids[i:i + 1]) for i in range(decoded)])
+    finally:
+        m.close()
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    """test_archs' measure: the largest error relative to the largest logit."""
+    assert want.std() > 0
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _l2(got: np.ndarray, want: np.ndarray) -> float:
+    """test_runner_quant's measure for quantized files: relative L2 error over all positions."""
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_tensors_and_metadata_are_llama_cpps(moe, llama_convert):
+    """llama.cpp's convert_hf_to_gguf.py on the same checkpoint: the same metadata (keys, order, types, values,
+    the "4x…" size label among them), and the same tensors (names, order, shapes, types, values): each layer's
+    experts stacked in the converter's order where its last expert is read."""
+    from qtool.formats.gguf_reader import GGUFFile
+    ours, theirs = moe["files"]["F32"], llama_convert(moe["src"], moe["pre"])
+    assert_same_metadata(ours, theirs)
+    arch = "llama" if moe["kind"] == "mixtral" else "qwen3moe"
+    with GGUFFile(ours) as a, GGUFFile(theirs) as b:
+        assert a.metadata["general.architecture"] == arch
+        assert (a.metadata[f"{arch}.expert_count"], a.metadata[f"{arch}.expert_used_count"]) == (N_EXPERT, N_USED)
+        assert a.metadata["general.size_label"].startswith(f"{N_EXPERT}x")
+        assert list(a.tensors) == list(b.tensors)
+        for kind in ("gate", "up", "down"):
+            assert tuple(a.tensors[f"blk.1.ffn_{kind}_exps.weight"].shape) == (N_EXPERT, 256, 256)
+        assert tuple(a.tensors["blk.1.ffn_gate_inp.weight"].shape) == (N_EXPERT, HIDDEN)
+        assert not any(n.startswith("blk.0.ffn_gate.") for n in a.tensors)
+        for name in a.tensors:
+            ta, tb = a.tensors[name], b.tensors[name]
+            assert (tuple(ta.shape), ta.ggml_type) == (tuple(tb.shape), tb.ggml_type), name
+            np.testing.assert_array_equal(a.array(name), b.array(name), err_msg=name)
+
+
+def test_requantizing_equals_llama_quantize(moe, tmp_path):
+    """llama.cpp's quantizer on qtool's F32 file (3-D expert tensors quantized row by row over all experts, the
+    router kept F32): qtool's Q4_K_M of the same file is byte-identical, and the checkpoint converted directly has
+    the same tensors (types and bytes)."""
+    import ctypes
+    from test_quantize_files import assert_same_file
+    from qtool.formats.constants import FILE_TYPES
+    from qtool.formats.gguf_reader import GGUFFile
+    llama_cpp = need_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = int(FILE_TYPES["Q4_K_M"]), 2
+    theirs, ours = tmp_path / "llama.Q4_K_M.gguf", tmp_path / "ours.Q4_K_M.gguf"
+    assert llama_cpp.llama_model_quantize(str(moe["files"]["F32"]).encode(), str(theirs).encode(),
+                                          ctypes.byref(params)) == 0
+    qtool_here("convert", moe["files"]["F32"], "-o", ours, "--type", "Q4_K_M", "--quiet", check=True)
+    assert_same_file(ours, theirs)
+    with GGUFFile(moe["files"]["Q4_K_M"]) as a, GGUFFile(theirs) as b:
+        assert set(a.tensors) == set(b.tensors)
+        for name, t in b.tensors.items():
+            assert a.tensors[name].ggml_type == t.ggml_type, name
+            assert (a.raw(name) == b.raw(name)).all(), name
+        assert b.tensors["blk.0.ffn_gate_inp.weight"].ggml_type.name == "F32"
+        assert {b.tensors[f"blk.0.ffn_{k}_exps.weight"].ggml_type.name for k in ("gate", "up")} == {"Q4_K"}
+
+
+def test_llama_cpp_logits_equal_transformers(moe):
+    assert _rel(_llama_cpp_logits(moe["files"]["F32"], moe["ids"]), moe["reference"]) < 1e-4
+
+
+# As test_qwen3's: F32 is test_archs' bound; Q4_K_M's prompt path multiplies dequantized tiles in float, so a
+# rounding can flip an activation code in a later layer (measured 2.0e-3 on Mixtral; one token at a time and
+# position 0 agree to 4e-7). A wrong routing rule (no renormalization, top-k by logits of the wrong expert
+# order) is 0.1 off or more.
+RUNNER_BOUND = {"F32": 1e-4, "Q4_K_M": 2e-2}
+
+
+@pytest.mark.parametrize("type_name", ["F32", "Q4_K_M"])
+def test_runner_logits_equal_llama_cpps(moe, type_name):
+    ids = moe["ids"]
+    (got, decoded), want = _qtool_logits(moe["files"][type_name], ids, 12), _llama_cpp_logits(moe["files"][type_name], ids)
+    if type_name == "F32":
+        assert _rel(got, want) < RUNNER_BOUND[type_name]
+        assert _rel(decoded, want[:12]) < RUNNER_BOUND[type_name]
+        assert _rel(got, moe["reference"]) < 1e-4
+    else:
+        assert _l2(got[:1], want[:1]) < 1e-5
+        assert _l2(got, want) < RUNNER_BOUND[type_name]
+        assert _l2(decoded, want[:12]) < RUNNER_BOUND[type_name]
+    assert np.mean(got.argmax(axis=1) == want.argmax(axis=1)) >= 0.97
+
+
+def _llama_imatrix() -> Path | None:
+    """llama.cpp's llama-imatrix when one is built (LLAMA_CPP_BIN, PATH, or scripts/ bench's cache); never built here."""
+    env = os.environ.get("LLAMA_CPP_BIN")
+    for cand in ([Path(env) / "llama-imatrix"] if env else []) + [
+            Path(p) for p in [shutil.which("llama-imatrix")] if p] + [
+            Path("~/.cache/qtool-bench/llama-build/bin/llama-imatrix").expanduser()]:
+        if cand.is_file():
+            return cand
+    return None
+
+
+def test_imatrix_has_llama_imatrixs_expert_entries(moe, tmp_path):
+    """`qtool imatrix` on the F32 file: every expert tensor an (n_expert, cols) entry with per-expert counts, as
+    llama-imatrix's MUL_MAT_ID statistics (entries and counts exactly, Σx² within 1e-3: attention through each
+    side's F16 KV cache), and --calibrate's layer-by-layer matrix from the checkpoint equals it exactly."""
+    from qtool import calibrate
+    from qtool.formats.imatrix import read_imatrix
+    ours = tmp_path / "q.imatrix.gguf"
+    text = EXAMPLE_EVAL.read_text()
+    qtool_here("imatrix", moe["files"]["F32"], "--text", EXAMPLE_EVAL, "-o", ours, "--ctx", 32, "--chunks", 3,
+               "--quiet", check=True)
+    got = read_imatrix(ours)
+    names = sorted(got.entries)
+    assert len(names) == 2 * (8 if moe["kind"] == "mixtral" else 8)  # q k v output, router, three expert tensors
+    for i in range(2):
+        for k in ("gate", "up", "down"):
+            e = got.entries[f"blk.{i}.ffn_{k}_exps.weight"]
+            assert e.in_sum2.shape == (N_EXPERT, 256)
+            assert e.counts.sum() == 3 * 32 * N_USED and (e.counts > 0).all()  # every expert is used
+    streamed = calibrate.importance_matrix(str(moe["src"]), text, "eval", n_ctx=32, max_chunks=3)
+    assert sorted(streamed.data.entries) == names and streamed.data.chunk_count == got.chunk_count == 3
+    for name in names:
+        np.testing.assert_array_equal(streamed.data.entries[name].counts, got.entries[name].counts, err_msg=name)
+        np.testing.assert_array_equal(streamed.data.entries[name].in_sum2, got.entries[name].in_sum2, err_msg=name)
+    tool = _llama_imatrix()
+    if tool is None:
+        pytest.skip("no llama-imatrix binary built (scripts/bench_quality.py builds one)")
+    theirs = tmp_path / "l.imatrix.gguf"
+    subprocess.run([str(tool), "-m", str(moe["files"]["F32"]), "-f", str(EXAMPLE_EVAL), "-o", str(theirs), "-c", "32",
+                    "--chunks", "3", "-t", "2", "--no-ppl"], check=True, capture_output=True, timeout=120)
+    ref = read_imatrix(theirs)
+    assert sorted(ref.entries) == names and ref.chunk_count == got.chunk_count
+    for name, e in ref.entries.items():
+        np.testing.assert_array_equal(got.entries[name].counts, e.counts, err_msg=name)
+        assert np.abs(got.entries[name].in_sum2 - e.in_sum2).max() <= 1e-3 * np.abs(e.in_sum2).max(), name
+
+
+def _edited(src: Path, tmp_path: Path, **changes) -> Path:
+    out = tmp_path / "edited"
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return out
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_experts_per_tok=5), "5 experts used per token, but there are only 4"),
+    (dict(norm_topk_prob=False), "norm_topk_prob is false"),
+    (dict(num_local_experts=3, num_experts=3), "expert 3 does not exist"),
+])
+def test_inconsistent_expert_configs_are_refused(moe, tmp_path, changes, message):
+    """One-line errors before anything is written: more experts used than there are, a routing llama.cpp's graph
+    does not compute, expert tensors the config does not count."""
+    src = _edited(moe["src"], tmp_path, **changes)
+    proc = qtool_here("convert", src, "-o", tmp_path / "x.gguf", "--type", "F16")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "x.gguf").exists()
