@@ -46,7 +46,7 @@ class TensorJob:
     load: Callable[[], Stored]
     note: str = ""  # e.g. why a fallback type was chosen
     source_type: GGMLType | None = None  # the stored type, when the source is a GGUF file
-    quant_weights: np.ndarray | None = None  # importance per column (an imatrix entry), for the quantizer
+    quant_weights: np.ndarray | None = None  # importance per column (an imatrix entry; (n_expert, cols) for experts)
 
 
 @dataclass
@@ -312,7 +312,17 @@ def encode(s: Stored, ggml_type: GGMLType, name: str, scratch: Scratch | None = 
         out = scratch.get("out", n_rows * kernels.row_bytes(ggml_type, shape[-1])).reshape(n_rows, -1)
         quantize = partial(kernels.quantize, ggml_type, quant_weights=quant_weights)
         slab = scratch.get("slab", SLAB_BYTES).view(np.float32)
-    data, finite = cast.encode_stored(s.values, s.dtype, ggml_type.name, s.rows, quantize, out, slab, SLAB_BYTES)
+    if quant_weights is None or quant_weights.ndim == 1:
+        data, finite = cast.encode_stored(s.values, s.dtype, ggml_type.name, s.rows, quantize, out, slab, SLAB_BYTES)
+    else:  # stacked experts: each expert's rows with its row of the imatrix entry, as llama-quant.cpp
+        rows = s.rows if s.rows is not None else np.arange(n_rows, dtype=np.int64)
+        per, finite, data = n_rows // len(quant_weights), True, out
+        for e, w in enumerate(quant_weights):
+            part = slice(e * per, (e + 1) * per)
+            _, ok = cast.encode_stored(s.values, s.dtype, ggml_type.name, rows[part],
+                                       partial(kernels.quantize, ggml_type, quant_weights=w), out[part], slab,
+                                       SLAB_BYTES)
+            finite &= ok
     if not finite:
         raise QtoolError(f"tensor {name} contains NaN or Inf values; refusing to write a broken file")
     return data

@@ -1,6 +1,6 @@
-"""The runner's model: the Llama-family forward pass (GGUF architectures `llama`, `qwen2`, `qwen3`, `qwen3moe`, `bitnet`) on a
-memory-mapped GGUF file. The weights (qtool/weights.py) stay in their stored form and carry their own products
-(kernels/matmul.py); the KV cache and attention are qtool/attention.py.
+"""The runner's model: the Llama-family forward pass (GGUF architectures `llama`, `qwen2`, `qwen3`, `qwen3moe`,
+`bitnet`) on a memory-mapped GGUF file. The weights (qtool/weights.py) stay in their stored form and carry their
+own products (kernels/matmul.py); the KV cache and attention are qtool/attention.py.
 
 It follows llama.cpp's graph (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, bitnet.cpp) and CPU math:
 - RMSNorm: x / sqrt(mean(x²) + eps) with the sum of squares in double, then times the norm weight;
