@@ -20,7 +20,7 @@ from .common import fp16_value, h2f, load_fp16, store_fp16
 from .iq2 import grid_levels, neighbour_tables
 from .iq_grids import iq1s_grid
 from .kquant_common import F0, F1, QK_K, ggml_nearest_int
-from .matvec import _f16
+from .matvec import ACC0, ONE, _acc, _f16, _put
 from .traits import block, fields
 from .weighted import sigma2_weights, twice_mean_square
 
@@ -262,13 +262,13 @@ GRID64 = np.ascontiguousarray(iq1s_grid).view(np.uint64).reshape(-1)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_iq1_s(w, xq, xd, xb, out):
+def mv_iq1_s(w, xq, xd, xb, seg, group, out):
     """ggml_vec_dot_iq1_s_q8_K: per block of 32, (2s+1) * (sum grid*codes + delta*8 * sum codes), delta = +-1/8."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = np.float32(0.0)
+            acc = ACC0
             for b in range(nbp):
                 sumi = np.float32(0.0)
                 sumi1 = np.float32(0.0)
@@ -284,8 +284,8 @@ def mv_iq1_s(w, xq, xd, xb, out):
                     sign = np.float32(-1.0) if qh & 0x8000 else np.float32(1.0)
                     sumi += ls * np.float32(s)
                     sumi1 += ls * sign * (xb[t, 2 * ib, b] + xb[t, 2 * ib + 1, b])
-                acc += xd[t, b] * _f16(w, r, S_D, b) * (sumi + DELTA * sumi1)
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, S_D, b) * (sumi + DELTA * sumi1))
+            _put(out, t, r, group, acc, ONE)
 
 
 # ---- IQ1_M: 16-weight blocks, a delta sign per 8 (qh bits 3 and 7), 3-bit scales; d (fp16) in the top nibbles
@@ -526,14 +526,14 @@ def dequantize_iq1_m(q: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_iq1_m(w, xq, xd, xb, out):
+def mv_iq1_m(w, xq, xd, xb, seg, group, out):
     """ggml_vec_dot_iq1_m_q8_K: per 16 weights (2s+1) * sum over its two groups of (grid*codes + delta * sum of
     codes), delta = +-1/8: in integers 8*(grid*codes) +- (sum of codes), scaled by 1/8 at the end."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = np.float32(0.0)
+            acc = ACC0
             for b in range(nbp):
                 s0 = np.int32(w[r, M_SCALES, b]) | (np.int32(w[r, M_SCALES + 1, b]) << 8)
                 s1 = np.int32(w[r, M_SCALES + 2, b]) | (np.int32(w[r, M_SCALES + 3, b]) << 8)
@@ -558,5 +558,5 @@ def mv_iq1_m(w, xq, xd, xb, out):
                         neg = np.int32((qh >> (4 * k + 3)) & 1)
                         tot = np.int32(tot + np.int32(8 * s) + np.int32(np.int32(c ^ -neg) + neg))
                     isum += ls * np.float32(tot)
-                acc += xd[t, b] * h2f(bits) * isum
-            out[t, r] = acc * DELTA
+                acc = _acc(acc, seg[b], xd[t, b] * h2f(bits) * isum)
+            _put(out, t, r, group, acc, DELTA)

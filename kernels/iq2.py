@@ -34,7 +34,7 @@ from qtool.formats.constants import GGMLType
 from .common import load_fp16, store_fp16
 from .iq_grids import iq2s_grid, iq2xs_grid, iq2xxs_grid, ksigns_iq2xs
 from .kquant_common import F0, F1, QK_K, ggml_nearest_int
-from .matvec import _f16
+from .matvec import ACC0, ONE, _acc, _f16, _put
 from .traits import block, fields
 from .weighted import make_qp_quants, mean_square, sigma2_weights, twice_mean_square
 
@@ -613,13 +613,13 @@ def _ksign(i) -> np.int32:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_iq2_xxs(w, xq, xd, xb, out):
+def mv_iq2_xxs(w, xq, xd, xb, seg, group, out):
     """block_iq2_xxs: d, then per 32 weights 4 grid-index bytes and a uint32 of 4 sign indices and the scale."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 for ib in range(8):
@@ -631,18 +631,18 @@ def mv_iq2_xxs(w, xq, xd, xb, out):
                         g = GRID64_XXS[w[r, p + l, b]]
                         s = np.int32(s + _dot8(g, _ksign((aux >> (7 * l)) & 127), xq, t, 32 * ib + 8 * l, b))
                     isum += np.float32(s) * np.float32(2 * ((aux >> 28) & 15) + 1)
-                acc += xd[t, b] * _f16(w, r, XXS_D, b) * isum
-            out[t, r] = acc * EIGHTH
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, XXS_D, b) * isum)
+            _put(out, t, r, group, acc, EIGHTH)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_iq2_xs(w, xq, xd, xb, out):
+def mv_iq2_xs(w, xq, xd, xb, seg, group, out):
     """block_iq2_xs: d, a uint16 per 8 weights (9-bit grid index, 7-bit sign index), 4-bit scales per 16."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 for ib in range(16):
@@ -653,18 +653,18 @@ def mv_iq2_xs(w, xq, xd, xb, out):
                         s = np.int32(s + _dot8(GRID64_XS[v & 511], _ksign(v >> 9), xq, t, 8 * i, b))
                     sc = (np.int32(w[r, XS_SCALES + ib // 2, b]) >> (4 * (ib % 2))) & 15
                     isum += np.float32(s) * np.float32(2 * sc + 1)
-                acc += xd[t, b] * _f16(w, r, XS_D, b) * isum
-            out[t, r] = acc * EIGHTH
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, XS_D, b) * isum)
+            _put(out, t, r, group, acc, EIGHTH)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_iq2_s(w, xq, xd, xb, out):
+def mv_iq2_s(w, xq, xd, xb, seg, group, out):
     """block_iq2_s: d, 32 low index bytes, 32 sign bytes, qh (2 high index bits per 8), 4-bit scales per 16."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 for ib in range(16):
@@ -676,5 +676,5 @@ def mv_iq2_s(w, xq, xd, xb, out):
                         s = np.int32(s + _dot8(GRID64_S[g], np.int32(w[r, S_SIGNS + i, b]), xq, t, 8 * i, b))
                     sc = (np.int32(w[r, S_SCALES + ib // 2, b]) >> (4 * (ib % 2))) & 15
                     isum += np.float32(s) * np.float32(2 * sc + 1)
-                acc += xd[t, b] * _f16(w, r, S_D, b) * isum
-            out[t, r] = acc * EIGHTH
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, S_D, b) * isum)
+            _put(out, t, r, group, acc, EIGHTH)

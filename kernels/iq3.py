@@ -41,7 +41,7 @@ from qtool.formats.constants import GGMLType
 from .common import load_fp16, store_fp16
 from .iq_grids import iq3s_grid, iq3xxs_grid, ksigns_iq2xs
 from .kquant_common import F0, QK_K, ggml_nearest_int
-from .matvec import _f16, _i16
+from .matvec import ACC0, ONE, _acc, _f16, _i16, _put
 from .traits import block, fields
 from .weighted import sigma2_weights, twice_mean_square
 
@@ -519,13 +519,13 @@ def _signed_dot4(g, sg, sh, xq, t, e, b) -> np.int32:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_iq3_xxs(w, xq, xd, xb, out):
+def mv_iq3_xxs(w, xq, xd, xb, seg, group, out):
     """block_iq3_xxs (98 bytes): d, qs[64] grid indices, scales_and_signs[8]; weight = d*(2s+1)/4 * grid * sign."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = np.int32(0)
                 for ib in range(8):
@@ -542,18 +542,18 @@ def mv_iq3_xxs(w, xq, xd, xb, out):
                         g2 = XXS_GRID32[w[r, XXS_QS + 8 * ib + 2 * l + 1, b]]
                         s += _signed_dot4(g1, sg, 0, xq, t, e, b) + _signed_dot4(g2, sg, 4, xq, t, e + 4, b)
                     isum += np.int32(2 * (aux >> np.uint32(28)) + 1) * s
-                acc += xd[t, b] * _f16(w, r, XXS_D, b) * np.float32(isum)
-            out[t, r] = np.float32(0.25) * acc
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, XXS_D, b) * np.float32(isum))
+            _put(out, t, r, group, acc, np.float32(0.25))
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_iq3_s(w, xq, xd, xb, out):
+def mv_iq3_s(w, xq, xd, xb, seg, group, out):
     """block_iq3_s (110 bytes): d, qs[64], qh[8], signs[32], scales[4]; weight = d*(2s+1) * grid * sign."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = np.int32(0)
                 for ib in range(8):
@@ -566,5 +566,5 @@ def mv_iq3_s(w, xq, xd, xb, out):
                         s += _signed_dot4(g, sg, 4 * (k % 2), xq, t, 32 * ib + 4 * k, b)
                     sc = (np.uint32(w[r, S_SCALES + ib // 2, b]) >> np.uint32(4 * (ib % 2))) & np.uint32(15)
                     isum += np.int32(2 * sc + 1) * s
-                acc += xd[t, b] * _f16(w, r, S_D, b) * np.float32(isum)
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, S_D, b) * np.float32(isum))
+            _put(out, t, r, group, acc, ONE)

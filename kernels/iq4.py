@@ -45,7 +45,7 @@ from qtool.formats.constants import QK_K, GGMLType
 from .common import load_fp16, store_fp16
 from .iq_grids import kvalues_iq4nl
 from .kquant_common import ggml_nearest_int, largest_magnitude
-from .matvec import _f16, _i16, _u8
+from .matvec import ACC0, ONE, _acc, _f16, _i16, _put, _u8
 from .traits import block, fields
 from .weighted import sigma2_weights, sum_squares
 
@@ -358,7 +358,7 @@ def _decode_levels(src, lo, hi) -> None:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_iq4_nl(w, xq, xd, xsum, out):
+def mv_iq4_nl(w, xq, xd, xsum, seg, group, out):
     """block_iq4_nl against Q8_0 activations (xsum unused: the levels have no offset to move out)."""
     N, nbytes, nbp = w.shape
     T = xq.shape[0]
@@ -371,18 +371,18 @@ def mv_iq4_nl(w, xq, xd, xsum, out):
             wr = w[r].reshape(nbytes * nbp)
             _decode_levels(wr[NL_QS * nbp:NL_QS * nbp + nq], lv_lo, lv_hi)
             for t in range(T):
-                acc = F0
+                acc = ACC0
                 for b in range(nbp):
                     s = np.int32(0)
                     for j in range(16):
                         s = np.int32(s + _i16(_i16(lv_lo[j * nbp + b] * xq[t, j, b])
                                               + _i16(lv_hi[j * nbp + b] * xq[t, 16 + j, b])))
-                    acc += _f16(w, r, NL_D, b) * xd[t, b] * np.float32(s)
-                out[t, r] = acc
+                    acc = _acc(acc, seg[b], _f16(w, r, NL_D, b) * xd[t, b] * np.float32(s))
+                _put(out, t, r, group, acc, ONE)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_iq4_xs(w, xq, xd, xb, out):
+def mv_iq4_xs(w, xq, xd, xb, seg, group, out):
     """block_iq4_xs against Q8_K activations: per sub-block of 32, (ls - 32) times its integer dot.
 
     A row has few super-blocks (8 for 2048 weights), too few lanes for the select tree of _level to pay, so each
@@ -399,7 +399,7 @@ def mv_iq4_xs(w, xq, xd, xb, out):
             wr = w[r].reshape(nbytes * nbp)
             _decode_levels(wr[XS_QS * nbp:XS_QS * nbp + nq], lv_lo, lv_hi)
             for t in range(T):
-                acc = F0
+                acc = ACC0
                 for b in range(nbp):
                     h = np.uint16(w[r, XS_SCALES_H, b]) | (np.uint16(w[r, XS_SCALES_H + 1, b]) << np.uint16(8))
                     isum = F0
@@ -412,5 +412,5 @@ def mv_iq4_xs(w, xq, xd, xb, out):
                             s = np.int32(s + _i16(_i16(lv_lo[k] * xq[t, SUB * ib + j, b])
                                                   + _i16(lv_hi[k] * xq[t, SUB * ib + 16 + j, b])))
                         isum += ls * np.float32(s)
-                    acc += xd[t, b] * _f16(w, r, XS_D, b) * isum
-                out[t, r] = acc
+                    acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, XS_D, b) * isum)
+                _put(out, t, r, group, acc, ONE)

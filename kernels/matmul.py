@@ -112,7 +112,7 @@ class Act:
     def __init__(self, kind: str, x: np.ndarray):
         self.kind = kind
         self._deq = None
-        self._planes = None
+        self._planes: dict = {}
         x = np.ascontiguousarray(x, dtype=np.float32)
         T, K = x.shape
         self.q = self.d = self.s = None
@@ -148,30 +148,48 @@ class Act:
                 self._deq = (self.q.reshape(T, K // bs, bs) * self.d[:, :, None]).reshape(T, K)
         return self._deq
 
-    def planes(self) -> tuple[np.ndarray, ...]:
-        """The quantized activations laid out as matvec.py's kernels read them, blocks last and padded with
-        zeros: int16 codes (T, per block, lanes), scales (T, lanes) and, for Q8_0, the sums of each block's codes;
-        for Q8_1, fp16(d * sum); for Q8_K, the sums of each 16 codes (T, 16, lanes)."""
-        if self._planes is None:
+    def planes(self, group: int = 1, n_lanes: int | None = None) -> tuple[np.ndarray, ...]:
+        """The quantized activations laid out as matvec.py's kernels read them, blocks last: int16 codes (T, per
+        block, lanes), scales (T, lanes) and, for Q8_0, the sums of each block's codes; for Q8_1, fp16(d * sum);
+        for Q8_K, the sums of each 16 codes (T, 16, lanes). For a weight whose planes rows hold `group` rows
+        (matvec.py's row groups) the blocks repeat `group` times, lane p * blocks + b holding block b, then zeros
+        to n_lanes (default: the blocks padded to MAX_LANES, which every weight of group 1 fits)."""
+        key = (group, n_lanes)
+        if key not in self._planes:
             T, K = self.q.shape
             bs = ACT_BLOCK[self.kind]
             nb = K // bs
-            lanes = mv.n_lanes(nb, mv.MAX_LANES)  # at least every weight's padding: kernels read up to theirs
+            lanes = mv.n_lanes(nb, mv.MAX_LANES) if n_lanes is None else n_lanes
 
-            def pad(a, inner, dtype=np.float32):
-                out = np.zeros((T, inner, lanes), dtype)
-                out[:, :, :nb] = a.reshape(T, nb, inner).transpose(0, 2, 1)
+            def tiled(a, inner, dtype=np.float32):
+                out = np.empty((T, inner, lanes), dtype)
+                _tile_lanes(a, group, out)
                 return out if inner > 1 else out.reshape(T, lanes)
 
-            codes = pad(self.q, bs, np.int16)
+            codes = tiled(self.q, bs, np.int16)
             if self.kind == "q8_0":
-                extra = pad(self.q.reshape(T, nb, bs).sum(axis=2, dtype=np.float32), 1)
+                extra = tiled(self.q.reshape(T, nb, bs).sum(axis=2, dtype=np.float32), 1)
             elif self.kind == "q8_1":
-                extra = pad(self.s, 1)
+                extra = tiled(self.s, 1)
             else:
-                extra = pad(self.s, 16)
-            self._planes = (codes, pad(self.d, 1), extra)
-        return self._planes
+                extra = tiled(self.s, 16)
+            self._planes[key] = (codes, tiled(self.d, 1), extra)
+        return self._planes[key]
+
+
+@njit(cache=True)
+def _tile_lanes(a, group, out):
+    """a (T, blocks * inner) → out (T, inner, lanes): element j of block b at [t, j, p * blocks + b] for each
+    p < group, zeros in the lanes after (one call: a decode step converts several activations)."""
+    T, inner, lanes = out.shape
+    nb = a.shape[1] // inner
+    for t in range(T):
+        for j in range(inner):
+            for p in range(group):
+                for b in range(nb):
+                    out[t, j, p * nb + b] = a[t, b * inner + j]
+            for b in range(group * nb, lanes):
+                out[t, j, b] = 0
 
 
 VEC_DOT_TYPE = {t: r.vec_dot for t, r in TRAITS.items() if r.vec_dot is not None}
@@ -191,17 +209,23 @@ def dequantize_rows(ggml_type: GGMLType, data: np.ndarray, n_cols: int, out: np.
 # ---- the weight and the dispatcher -------------------------------------------------------------------------------
 class Weight:
     """A 2-D weight: `data` is float32 (N, K) for F32, uint16 bits (N, K) for F16/BF16 (views of the memory map),
-    or, for quantized types, `planes`: the packed rows repacked for the fused kernels (matvec.py), in memory."""
-    __slots__ = ("name", "ggml_type", "data", "planes", "n_out", "n_in", "n_blocks")
+    or, for quantized types, `planes`: the packed rows repacked for the fused kernels (matvec.py), in memory,
+    `group` rows to a planes row, `seg` the row within the group of each lane."""
+    __slots__ = ("name", "ggml_type", "data", "planes", "n_out", "n_in", "n_blocks", "group", "seg")
 
     def __init__(self, name: str, ggml_type: GGMLType, data: np.ndarray, n_out: int, n_in: int):
         self.name, self.ggml_type, self.n_out, self.n_in = name, ggml_type, n_out, n_in
         info = TYPE_INFO[ggml_type]
         self.n_blocks = n_in // info.block_size
+        self.group, self.seg = 1, None
         if ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
             self.data, self.planes = data, None
         else:
-            self.data, self.planes = None, mv.to_planes(data, info.type_size, TRAITS[ggml_type].lanes)
+            row = TRAITS[ggml_type]
+            lanes = row.lanes
+            self.group = mv.group_size(self.n_blocks, lanes, 64 if row.int16_vectors else 32)
+            self.data, self.planes = None, mv.to_planes(data, info.type_size, lanes, self.group)
+            self.seg = mv.lane_rows(self.n_blocks, self.group, self.planes.shape[2])
 
     @property
     def nbytes(self) -> int:
@@ -222,7 +246,9 @@ class Weight:
         """Rows r0..r1 as the file stores them."""
         if self.planes is None:
             return self.data[r0:r1]
-        return mv.from_planes(self.planes[r0:r1], self.n_blocks)
+        g = self.group
+        rows = mv.from_planes(self.planes[r0 // g:-(-r1 // g)], self.n_blocks, g)
+        return rows[r0 - r0 // g * g:r1 - r0 // g * g]
 
 
 def embedding_rows(ggml_type: GGMLType, data: np.ndarray, ids, n_cols: int) -> np.ndarray:
@@ -240,11 +266,11 @@ def matvec(w: Weight, act: Act) -> np.ndarray:
         np.matmul(act.x, w.data.T, out=out)
     elif w.planes is None:  # F16, BF16: the rounded activations as they are
         mv.run(TRAITS[t].fused_kernel(), w.data, act.x, out)
-    elif t == GGMLType.Q8_0:  # no offset to move out of the inner sums: no code sums
-        codes, scales, _ = act.planes()
-        mv.run(TRAITS[t].fused_kernel(), w.planes, codes, scales, out)
     else:
-        mv.run(TRAITS[t].fused_kernel(), w.planes, *act.planes(), out)
+        planes = act.planes(w.group, w.planes.shape[2])
+        if t == GGMLType.Q8_0:  # no offset to move out of the inner sums: no code sums
+            planes = planes[:2]
+        mv.run(TRAITS[t].fused_kernel(), w.planes, *planes, w.seg, w.group, out)
     return out
 
 

@@ -8,13 +8,15 @@ stored layout the vectorized loop would run over the 32 weights of one block and
 horizontal sum: measured on 5632x2048, 2 threads, Q8_0 2.5x, Q4_0 4.7x and Q2_K 4x slower, though Q6_K was 1.4x
 faster there. The bytes are the file's bytes, only reordered, so the math is
 exactly that of the stored layout (see matmul.py): per block, an exact integer dot of codes times both scales.
-Row lengths are padded to a multiple of LANES blocks with zero blocks (scale 0), so that short rows (8 K-quant
-super-blocks for 2048 weights) still fill a vector; to 16 for the types whose vector loop takes 16 blocks a step
-(traits.py's `lanes`; measured single-thread, 2048 and 5632 wide rows, on Zen 5 and for its haswell target alike:
-Q2_K 1.6-2.0x, Q4_K 1.1-2.3x, TQ1_0/TQ2_0 1.5-3.6x, Q8_0/Q4_0/Q4_1 1.5-2.5x on rows of 576; Q3_K, Q5_K, Q6_K,
-Q5_0, IQ4_XS and IQ2_XXS 0.6-0.9x, so they keep 8).
+Short rows (6 K-quant super-blocks for 1536 weights, 18 Q8_0 blocks for 576) are put side by side, a few to a
+planes row (`group_size`; row groups below), so that one vector loop has enough blocks to fill its lanes; the
+lanes are padded to a multiple of LANES with zero blocks (scale 0); to 16 for the types whose vector loop takes
+16 blocks a step (traits.py's `lanes`; measured single-thread, 2048 and 5632 wide rows, on Zen 5 and for its
+haswell target alike: Q2_K 1.6-2.0x, Q4_K 1.1-2.3x, TQ1_0/TQ2_0 1.5-3.6x, Q8_0/Q4_0/Q4_1 1.5-2.5x on rows of
+576; Q3_K, Q5_K, Q6_K, Q5_0, IQ4_XS and IQ2_XXS 0.6-0.9x, so they keep 8; measured before row groups).
 
-The activations come as planes too (`Act.planes`): codes (T, elements per block, blocks), scales (T, blocks),
+The activations come as planes too (`Act.planes`, repeated once per row of a group): codes (T, elements per
+block, blocks), scales (T, blocks),
 and per block the sum of the codes (32-weight types: to move the types' constant offsets, -8 for Q4_0, out of
 the inner sums) or the sums of each 16 codes (K-quants, the same for their minimums and offsets).
 
@@ -83,6 +85,36 @@ def _i16(v) -> np.int16:
     return np.int16(v)
 
 
+# ---- row groups ----------------------------------------------------------------------------------------------
+# A row of few blocks leaves most lanes of a vector idle (a 1536-wide Q4_K row is 6 super-blocks for 16 lanes)
+# and pays the row's fixed costs for little work. So the blocks of `group` consecutive rows lie side by side
+# in one planes row and one vector loop runs over all of them; each lane's block value goes to its own row's sum
+# through GROUP_MAX accumulators and a select on the lane's row (`seg`), with no store inside the loop (a store
+# there would keep LLVM from vectorizing it). Measured, 576x1536 Q4_K from memory, 2 threads, Zen 5: 2.3x
+# faster with groups of 8.
+GROUP_MAX = 8
+ONE = np.float32(1.0)
+ACC0 = (F0, F0, F0, F0, F0, F0, F0, F0)  # GROUP_MAX row sums
+
+
+@njit(cache=True, inline="always")
+def _acc(a, s, v):
+    """The row sums `a` with v added to sum s (every other sum gets 0: a select, not a branch)."""
+    return (a[0] + (v if s == 0 else F0), a[1] + (v if s == 1 else F0), a[2] + (v if s == 2 else F0),
+            a[3] + (v if s == 3 else F0), a[4] + (v if s == 4 else F0), a[5] + (v if s == 5 else F0),
+            a[6] + (v if s == 6 else F0), a[7] + (v if s == 7 else F0))
+
+
+@njit(cache=True, inline="always")
+def _put(out, t, r, group, a, scale) -> None:
+    """The sums of planes row r's rows, times scale, into out[t] (rows past the matrix's are padding)."""
+    n = out.shape[1]
+    for p in range(group):
+        o = r * group + p
+        if o < n:
+            out[t, o] = a[p] * scale
+
+
 # ---- layout ------------------------------------------------------------------------------------------------------
 MAX_LANES = 16  # the most any traits row pads to: activations are padded to it, so they fit every weight
 
@@ -91,40 +123,68 @@ def n_lanes(n_blocks: int, lanes: int = LANES) -> int:
     return -(-n_blocks // lanes) * lanes
 
 
+def group_size(n_blocks: int, lanes: int = LANES, min_lanes: int = 32) -> int:
+    """Rows per planes row: the fewest (1, 2, 4) whose blocks fill min_lanes lanes with at most 1/8 of padding,
+    else GROUP_MAX. Rows long enough stay alone (their activations, tiled once per row of a group, would only
+    grow). min_lanes is 64 for the kernels whose vectors are sized by their int16 work (twice as many lanes):
+    measured from memory, 2 threads, Zen 5: 576-wide Q5_0 rows 1.75x faster in groups of 4 than alone (2 gave
+    1.35x), 2048-wide Q4_K rows 2x in groups of 2 (4: 1.8x), 1536-wide Q6_K 2.6x in groups of 8 (4: 1.9x)."""
+    for g in (1, 2, 4):
+        if g * n_blocks >= min_lanes and n_lanes(g * n_blocks, lanes) * 8 <= g * n_blocks * 9:
+            return g
+    return GROUP_MAX
+
+
+def lane_rows(n_blocks: int, group: int, n_lanes_: int) -> np.ndarray:
+    """The row within its group of each lane (`seg`; GROUP_MAX for the padding lanes, which no sum takes)."""
+    seg = np.full(n_lanes_, GROUP_MAX, np.int32)
+    seg[:group * n_blocks] = np.repeat(np.arange(group, dtype=np.int32), n_blocks)
+    return seg
+
+
 @njit(parallel=True, cache=True)
-def _transpose_blocks(q, block_bytes, out):
-    rows, nbp = out.shape[0], out.shape[2]
+def _transpose_blocks(q, block_bytes, group, out):
+    n_rows = q.shape[0]
+    n_groups, nbp = out.shape[0], out.shape[2]
     nb = q.shape[1] // block_bytes
-    for r in prange(rows):
-        for b in range(nb):
+    for g in prange(n_groups):
+        for p in range(group):
+            r = g * group + p
+            for b in range(nb):
+                for k in range(block_bytes):
+                    out[g, k, p * nb + b] = q[r, b * block_bytes + k] if r < n_rows else 0
+        for b in range(group * nb, nbp):
             for k in range(block_bytes):
-                out[r, k, b] = q[r, b * block_bytes + k]
-        for b in range(nb, nbp):
-            for k in range(block_bytes):
-                out[r, k, b] = 0
+                out[g, k, b] = 0
 
 
 @njit(parallel=True, cache=True)
-def _untranspose_blocks(p, n_blocks, out):
-    rows, block_bytes = p.shape[0], p.shape[1]
-    for r in prange(rows):
-        for b in range(n_blocks):
-            for k in range(block_bytes):
-                out[r, b * block_bytes + k] = p[r, k, b]
+def _untranspose_blocks(p, n_blocks, group, out):
+    n_rows = out.shape[0]
+    block_bytes = p.shape[1]
+    for g in prange(p.shape[0]):
+        for i in range(group):
+            r = g * group + i
+            if r < n_rows:
+                for b in range(n_blocks):
+                    for k in range(block_bytes):
+                        out[r, b * block_bytes + k] = p[g, k, i * n_blocks + b]
 
 
-def to_planes(q: np.ndarray, block_bytes: int, lanes: int = LANES) -> np.ndarray:
-    """Packed rows (N, blocks * block_bytes) → planes (N, block_bytes, blocks padded to a multiple of lanes)."""
+def to_planes(q: np.ndarray, block_bytes: int, lanes: int = LANES, group: int = 1) -> np.ndarray:
+    """Packed rows (N, blocks * block_bytes) → planes (N / group rounded up, block_bytes, group * blocks padded
+    to a multiple of lanes): lane p * blocks + b holds block b of row group * i + p (zeros past N)."""
     n, nb = q.shape[0], q.shape[1] // block_bytes
-    out = np.empty((n, block_bytes, n_lanes(nb, lanes)), np.uint8)
-    _transpose_blocks(q, block_bytes, out)
+    out = np.empty((-(-n // group), block_bytes, n_lanes(group * nb, lanes)), np.uint8)
+    _transpose_blocks(q, block_bytes, group, out)
     return out
 
 
-def from_planes(p: np.ndarray, n_blocks: int) -> np.ndarray:
-    """Planes back to packed rows (N, n_blocks * block_bytes)."""
-    out = np.empty((p.shape[0], n_blocks * p.shape[1]), np.uint8)
-    _untranspose_blocks(np.ascontiguousarray(p), n_blocks, out)
+def from_planes(p: np.ndarray, n_blocks: int, group: int = 1, n_rows: int | None = None) -> np.ndarray:
+    """Planes back to packed rows (n_rows, default all, n_blocks * block_bytes)."""
+    n = p.shape[0] * group if n_rows is None else n_rows
+    out = np.empty((n, n_blocks * p.shape[1]), np.uint8)
+    _untranspose_blocks(np.ascontiguousarray(p), n_blocks, group, out)
     return out
 
 
@@ -178,19 +238,19 @@ def mv_bf16(w, x, out):
 
 # ---- 32-weight blocks: w (N, block bytes, lanes); xq (T, 32, lanes) int16; xd, xs, xsum (T, lanes) ----------------
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q8_0(w, xq, xd, out):
+def mv_q8_0(w, xq, xd, seg, group, out):
     """block_q8_0: d, qs[32] (int8). Products reach 128*127, so they are summed as int32."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 s = np.int32(0)
                 for j in range(32):
                     s = np.int32(s + _i16(np.int8(w[r, Q8_0_QS + j, b]) * xq[t, j, b]))
-                acc += _f16(w, r, Q8_0_D, b) * xd[t, b] * np.float32(s)
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], _f16(w, r, Q8_0_D, b) * xd[t, b] * np.float32(s))
+            _put(out, t, r, group, acc, ONE)
 
 
 @njit(cache=True, inline="always")
@@ -206,31 +266,31 @@ def _q4_dot(w, r, b, qs, xq, t) -> np.float32:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q4_0(w, xq, xd, xsum, out):
+def mv_q4_0(w, xq, xd, xsum, seg, group, out):
     """block_q4_0: d, qs[16]; weight j is the low nibble of qs[j], weight j+16 the high one, minus 8."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 s = _q4_dot(w, r, b, Q4_0_QS, xq, t)
-                acc += _f16(w, r, Q4_0_D, b) * xd[t, b] * (s - np.float32(8.0) * xsum[t, b])
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], _f16(w, r, Q4_0_D, b) * xd[t, b] * (s - np.float32(8.0) * xsum[t, b]))
+            _put(out, t, r, group, acc, ONE)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q4_1(w, xq, xd, xs, out):
+def mv_q4_1(w, xq, xd, xs, seg, group, out):
     """block_q4_1: d, m, qs[16]; weight = d * nibble + m. xs = fp16(dx * sum of codes), as Q8_1 keeps it."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 s = _q4_dot(w, r, b, Q4_1_QS, xq, t)
-                acc += _f16(w, r, Q4_1_D, b) * xd[t, b] * s + _f16(w, r, Q4_1_M, b) * xs[t, b]
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], _f16(w, r, Q4_1_D, b) * xd[t, b] * s + _f16(w, r, Q4_1_M, b) * xs[t, b])
+            _put(out, t, r, group, acc, ONE)
 
 
 @njit(cache=True, inline="always")
@@ -258,43 +318,43 @@ def _q5_dot(w, r, b, qh, qs, xq, t) -> np.float32:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q5_0(w, xq, xd, xsum, out):
+def mv_q5_0(w, xq, xd, xsum, seg, group, out):
     """block_q5_0: d, qh (32 high bits), qs[16]; weight = 5-bit code - 16."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 s = _q5_dot(w, r, b, _qh32(w, r, Q5_0_QH, b), Q5_0_QS, xq, t)
-                acc += _f16(w, r, Q5_0_D, b) * xd[t, b] * (s - np.float32(16.0) * xsum[t, b])
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], _f16(w, r, Q5_0_D, b) * xd[t, b] * (s - np.float32(16.0) * xsum[t, b]))
+            _put(out, t, r, group, acc, ONE)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q5_1(w, xq, xd, xs, out):
+def mv_q5_1(w, xq, xd, xs, seg, group, out):
     """block_q5_1: d, m, qh, qs[16]; weight = d * 5-bit code + m."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 s = _q5_dot(w, r, b, _qh32(w, r, Q5_1_QH, b), Q5_1_QS, xq, t)
-                acc += _f16(w, r, Q5_1_D, b) * xd[t, b] * s + _f16(w, r, Q5_1_M, b) * xs[t, b]
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], _f16(w, r, Q5_1_D, b) * xd[t, b] * s + _f16(w, r, Q5_1_M, b) * xs[t, b])
+            _put(out, t, r, group, acc, ONE)
 
 
 # ---- K-quants (256-weight super-blocks): w (N, block bytes, lanes); xq (T, 256, lanes) int16; xd (T, lanes);
 # xb (T, 16, lanes) the sums of each 16 codes -----------------------------------------------------------------------
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q2_k(w, xq, xd, xb, out):
+def mv_q2_k(w, xq, xd, xb, seg, group, out):
     """block_q2_K (84 bytes): scales[16] (low nibble scale, high nibble min), qs[64], d, dmin."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 msum = F0
@@ -309,8 +369,8 @@ def mv_q2_k(w, xq, xd, xb, out):
                                 s = _i16(s + _i16(q) * xq[t, e0 + l, b])
                             isum += _u8(sc & 15) * np.float32(s)
                             msum += _u8(sc >> 4) * xb[t, e0 // 16, b]
-                acc += xd[t, b] * (_f16(w, r, Q2_K_D, b) * isum - _f16(w, r, Q2_K_DMIN, b) * msum)
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], xd[t, b] * (_f16(w, r, Q2_K_D, b) * isum - _f16(w, r, Q2_K_DMIN, b) * msum))
+            _put(out, t, r, group, acc, ONE)
 
 
 @njit(cache=True, inline="always")
@@ -330,13 +390,13 @@ def _q3_scale(w, r, b, j) -> np.float32:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q3_k(w, xq, xd, xb, out):
+def mv_q3_k(w, xq, xd, xb, seg, group, out):
     """block_q3_K (110 bytes): hmask[32], qs[64], scales[12], d. Weight = 2 low bits + 4 * hmask bit - 4."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 for n in range(2):
@@ -350,8 +410,8 @@ def mv_q3_k(w, xq, xd, xb, out):
                                 s = _i16(s + _i16(lo | (hb << 2)) * xq[t, e0 + l, b])
                             isum += _q3_scale(w, r, b, 8 * n + 2 * j + half) \
                                 * (np.float32(s) - np.float32(4.0) * xb[t, e0 // 16, b])
-                acc += xd[t, b] * _f16(w, r, Q3_K_D, b) * isum
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, Q3_K_D, b) * isum)
+            _put(out, t, r, group, acc, ONE)
 
 
 @njit(cache=True, inline="always")
@@ -367,13 +427,13 @@ def _scale_min_k4(w, r, b, j):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q4_k(w, xq, xd, xb, out):
+def mv_q4_k(w, xq, xd, xb, seg, group, out):
     """block_q4_K (144 bytes): d, dmin, scales[12], qs[128]; weight = d * sc * nibble - dmin * m."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 msum = F0
@@ -394,18 +454,18 @@ def mv_q4_k(w, xq, xd, xb, out):
                         s2 += np.float32(p2)
                     isum += sc1 * s1 + sc2 * s2
                     msum += m1 * (xb[t, 4 * k, b] + xb[t, 4 * k + 1, b]) + m2 * (xb[t, 4 * k + 2, b] + xb[t, 4 * k + 3, b])
-                acc += xd[t, b] * (_f16(w, r, K4_D, b) * isum - _f16(w, r, K4_DMIN, b) * msum)
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], xd[t, b] * (_f16(w, r, K4_D, b) * isum - _f16(w, r, K4_DMIN, b) * msum))
+            _put(out, t, r, group, acc, ONE)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q5_k(w, xq, xd, xb, out):
+def mv_q5_k(w, xq, xd, xb, seg, group, out):
     """block_q5_K (176 bytes): d, dmin, scales[12], qh[32], qs[128]; 5-bit codes, as Q4_K otherwise."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 msum = F0
@@ -427,19 +487,19 @@ def mv_q5_k(w, xq, xd, xb, out):
                         s2 += np.float32(p2)
                     isum += sc1 * s1 + sc2 * s2
                     msum += m1 * (xb[t, 4 * k, b] + xb[t, 4 * k + 1, b]) + m2 * (xb[t, 4 * k + 2, b] + xb[t, 4 * k + 3, b])
-                acc += xd[t, b] * (_f16(w, r, K4_D, b) * isum - _f16(w, r, K4_DMIN, b) * msum)
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], xd[t, b] * (_f16(w, r, K4_D, b) * isum - _f16(w, r, K4_DMIN, b) * msum))
+            _put(out, t, r, group, acc, ONE)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_q6_k(w, xq, xd, xb, out):
+def mv_q6_k(w, xq, xd, xb, seg, group, out):
     """block_q6_K (210 bytes): ql[128], qh[64], scales[16] (int8), d; weight = d * sc * (6-bit code - 32).
     The codes are recentred to -32..31 in int16, so partial sums of 8 stay within int16."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 for n in range(2):
@@ -471,8 +531,8 @@ def mv_q6_k(w, xq, xd, xb, out):
                         sp = Q6_K_SCALES + 8 * n + half
                         isum += np.float32(np.int8(w[r, sp, b])) * s1 + np.float32(np.int8(w[r, sp + 2, b])) * s2 \
                             + np.float32(np.int8(w[r, sp + 4, b])) * s3 + np.float32(np.int8(w[r, sp + 6, b])) * s4
-                acc += xd[t, b] * _f16(w, r, Q6_K_D, b) * isum
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, Q6_K_D, b) * isum)
+            _put(out, t, r, group, acc, ONE)
 
 
 # the 32-weight types' kernels, compiled with int16-sized vectors

@@ -21,7 +21,7 @@ from numba import njit, prange
 from qtool.formats.constants import QK_K, GGMLType
 
 from .common import load_fp16, roundf, store_fp16
-from .matvec import F0, _f16, _i16
+from .matvec import ACC0, F0, ONE, _acc, _f16, _i16, _put
 from .traits import block, fields
 
 TQ1_BYTES = block(GGMLType.TQ1_0)[1]
@@ -158,13 +158,13 @@ def _code_sum(xb, t, b) -> np.float32:
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_tq1_0(w, xq, xd, xb, out):
+def mv_tq1_0(w, xq, xd, xb, seg, group, out):
     """block_tq1_0 (54 bytes): qs[48], qh[4], d; trits decoded by multiply and shift (see the module doc)."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 for k in range(5):
@@ -183,18 +183,18 @@ def mv_tq1_0(w, xq, xd, xb, out):
                         c = (_i16(np.uint8(w[r, TQ1_QH + j, b] * POW3[k])) * 3) >> 8
                         s = _i16(s + _i16(c) * xq[t, 240 + 4 * k + j, b])
                 isum += np.float32(s)
-                acc += xd[t, b] * _f16(w, r, TQ1_D, b) * (isum - _code_sum(xb, t, b))
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, TQ1_D, b) * (isum - _code_sum(xb, t, b)))
+            _put(out, t, r, group, acc, ONE)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def mv_tq2_0(w, xq, xd, xb, out):
+def mv_tq2_0(w, xq, xd, xb, seg, group, out):
     """block_tq2_0 (66 bytes): qs[64], d; weight = d * (2-bit code - 1)."""
     N, nbp = w.shape[0], w.shape[2]
     T = xq.shape[0]
     for r in prange(N):
         for t in range(T):
-            acc = F0
+            acc = ACC0
             for b in range(nbp):
                 isum = F0
                 for h in range(2):
@@ -204,5 +204,5 @@ def mv_tq2_0(w, xq, xd, xb, out):
                             c = (w[r, TQ2_QS + 32 * h + m, b] >> (2 * k)) & 3
                             s = _i16(s + _i16(c) * xq[t, 128 * h + 32 * k + m, b])
                         isum += np.float32(s)
-                acc += xd[t, b] * _f16(w, r, TQ2_D, b) * (isum - _code_sum(xb, t, b))
-            out[t, r] = acc
+                acc = _acc(acc, seg[b], xd[t, b] * _f16(w, r, TQ2_D, b) * (isum - _code_sum(xb, t, b)))
+            _put(out, t, r, group, acc, ONE)

@@ -31,7 +31,8 @@ def test_fused_kernel_equals_dequantized_product(type_name):
     qw = np.ones(n_in, np.float32) if TRAITS[t].needs_imatrix else None  # IQ2_XXS, IQ2_XS: llama.cpp's way
     packed = kernels.quantize(t, w_f, quant_weights=qw).reshape(n_out, -1)
     w = mm.Weight("w", t, packed, n_out, n_in)
-    assert w.planes.shape == (n_out, TYPE_INFO[t].type_size, mv.n_lanes(11))
+    g = w.group  # rows per planes row (matvec.py's row groups): 11 blocks are too few for one row alone
+    assert g > 1 and w.planes.shape == (-(-n_out // g), TYPE_INFO[t].type_size, mv.n_lanes(11 * g, TRAITS[t].lanes))
     assert np.array_equal(w.stored_rows(5, 30), packed[5:30])
 
     act = mm.Act(mm.VEC_DOT_TYPE[t], x)
