@@ -232,6 +232,8 @@ class Keys:
         EXPERT_COUNT = "{arch}.expert_count"
         EXPERT_USED_COUNT = "{arch}.expert_used_count"
         EXPERT_FEED_FORWARD_LENGTH = "{arch}.expert_feed_forward_length"
+        ATTN_LOGIT_SOFTCAPPING = "{arch}.attn_logit_softcapping"
+        FINAL_LOGIT_SOFTCAPPING = "{arch}.final_logit_softcapping"
 
     class Attention:
         HEAD_COUNT = "{arch}.attention.head_count"
@@ -240,6 +242,8 @@ class Keys:
         VALUE_LENGTH = "{arch}.attention.value_length"
         LAYERNORM_EPS = "{arch}.attention.layer_norm_epsilon"
         LAYERNORM_RMS_EPS = "{arch}.attention.layer_norm_rms_epsilon"
+        SLIDING_WINDOW = "{arch}.attention.sliding_window"
+        SLIDING_WINDOW_PATTERN = "{arch}.attention.sliding_window_pattern"
 
     class Rope:
         DIMENSION_COUNT = "{arch}.rope.dimension_count"
@@ -323,6 +327,8 @@ class ModelTensor(IntEnum):
     FFN_SUB_NORM = auto()  # bitnet: RMSNorm of gate * up, before ffn_down
     ATTN_Q_NORM = auto()  # qwen3: RMSNorm of each query head, before RoPE
     ATTN_K_NORM = auto()  # qwen3: RMSNorm of each key head, before RoPE
+    ATTN_POST_NORM = auto()  # gemma2: RMSNorm of the attention output, before the residual add
+    FFN_POST_NORM = auto()  # gemma2: RMSNorm of the feed-forward output, before the residual add
 
 
 TENSOR_NAMES: dict[ModelTensor, str] = {
@@ -347,6 +353,8 @@ TENSOR_NAMES: dict[ModelTensor, str] = {
     ModelTensor.FFN_SUB_NORM: "blk.{bid}.ffn_sub_norm",
     ModelTensor.ATTN_Q_NORM: "blk.{bid}.attn_q_norm",
     ModelTensor.ATTN_K_NORM: "blk.{bid}.attn_k_norm",
+    ModelTensor.ATTN_POST_NORM: "blk.{bid}.post_attention_norm",
+    ModelTensor.FFN_POST_NORM: "blk.{bid}.post_ffw_norm",
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +200,16 @@ QWEN3MOE_HF_TENSORS: dict[str, ModelTensor] = {
     "model.layers.{bid}.mlp.experts.{xid}.up_proj": M.FFN_UP_EXP,
     "model.layers.{bid}.mlp.experts.{xid}.down_proj": M.FFN_DOWN_EXP,
 }
+# Gemma 2: llama's names, but post_attention_layernorm is the attention output's post-norm and the feed-forward
+# has its own pre- and post-norms (lm_head is named to be refused: the graph reads token_embd)
+GEMMA2_HF_TENSORS: dict[str, ModelTensor] = {
+    **{k: v for k, v in LLAMA_HF_TENSORS.items() if v != M.FFN_NORM},
+    "model.layers.{bid}.post_attention_layernorm": M.ATTN_POST_NORM,
+    "model.layers.{bid}.pre_feedforward_layernorm": M.FFN_NORM,
+    "model.layers.{bid}.post_feedforward_layernorm": M.FFN_POST_NORM,
+}
+NORMS = frozenset({M.OUTPUT_NORM, M.ATTN_NORM, M.FFN_NORM, M.ATTN_POST_NORM, M.FFN_POST_NORM, M.ATTN_Q_NORM,
+                   M.ATTN_K_NORM})
 DENSE_FFN = frozenset({M.FFN_GATE, M.FFN_UP, M.FFN_DOWN})
 MOE_FFN = frozenset({M.FFN_GATE_INP, M.FFN_GATE_EXP, M.FFN_UP_EXP, M.FFN_DOWN_EXP})
 EXPERT_KINDS = (M.FFN_GATE_EXP, M.FFN_UP_EXP, M.FFN_DOWN_EXP)  # stacked per layer into (n_expert, rows, cols)
@@ -221,6 +231,21 @@ class Arch:
     ternary: frozenset[ModelTensor] = frozenset()  # weights the converter rounds to mean|w| × {-1, 0, 1}
     # the order llama.cpp's converter writes a layer's stacked experts in (when the layer's last one is read)
     expert_order: tuple[ModelTensor, ...] = ()
+    # the feed-forward gate's activation in llama.cpp's graph ("silu" | "gelu", GELU's tanh approximation), and
+    # the config.json hidden_act / hidden_activation names of it (another one would run differently in llama.cpp)
+    activation: str = "silu"
+    hf_activations: tuple[str, ...] = ("silu", "swish")
+    norm_shift: frozenset[ModelTensor] = frozenset()  # norm weights the converter writes as 1 + w (Gemma's RMSNorm)
+    embed_scale: bool = False  # the graph multiplies the token embeddings by sqrt(n_embd)
+    # llama.cpp's query scaling (n_layer, n_embd, n_head, head_dim) → query_pre_attn_scalar, Q times its -1/2
+    # power before attention; None: the scores are scaled by 1/sqrt(head_dim)
+    query_scalar: Callable[[int, int, int, int], int] | None = None
+    attn_softcap: float = 0.0  # the attention logit soft-cap the graph applies when the file gives none; 0: none
+    final_softcap: float = 0.0  # the same for the output logits
+    swa_pattern: int = 0  # sliding-window layers: i % pattern < pattern - 1 (llama.cpp's set_swa_pattern); 0: none
+    swa_window: int = 0  # the window when the file gives none
+    # the converter's constant tokenizer.ggml.add_space_prefix after the vocabulary (Gemma's False); None: none
+    add_space_prefix: bool | None = None
 
 
 ARCHS: dict[str, Arch] = {a.gguf_name: a for a in (
@@ -267,6 +292,25 @@ ARCHS: dict[str, Arch] = {a.gguf_name: a for a in (
          biases=frozenset({M.ATTN_Q, M.ATTN_K, M.ATTN_V}),
          hf_tensors=QWEN3MOE_HF_TENSORS, sub_norms=(M.ATTN_Q_NORM, M.ATTN_K_NORM),
          expert_order=(M.FFN_DOWN_EXP, M.FFN_GATE_EXP, M.FFN_UP_EXP)),
+    # Gemma2Model writes its own keys (no TextModel ones: no RoPE base, so llama.cpp's 10000 is used), with
+    # Gemma2Config's defaults; norms as 1 + w; gelu(gate) * up; tied embeddings only (lm_head is not read)
+    Arch("gemma2", ("Gemma2ForCausalLM",),
+         hparams=(
+             HParam(K.LLM.CONTEXT_LENGTH, U32, ("max_position_embeddings",)),
+             HP_HIDDEN, HP_LAYERS, HP_FF, HP_HEADS, HP_HEADS_KV,
+             HParam(K.Attention.LAYERNORM_RMS_EPS, F32, ("rms_norm_eps",), default=1e-6),
+             HParam(K.Attention.KEY_LENGTH, U32, ("head_dim",), default=256),
+             HParam(K.Attention.VALUE_LENGTH, U32, ("head_dim",), default=256),
+             HParam(K.General.FILE_TYPE, U32, default=GIVEN),
+             HParam(K.LLM.ATTN_LOGIT_SOFTCAPPING, F32, ("attn_logit_softcapping",), default=50.0),
+             HParam(K.LLM.FINAL_LOGIT_SOFTCAPPING, F32, ("final_logit_softcapping",), default=30.0),
+             HParam(K.Attention.SLIDING_WINDOW, U32, ("sliding_window",), default=4096)),
+         rope_mode="neox", permute_qk=False,
+         tensors=LLAMA_TENSORS - {M.ROPE_FREQS, M.OUTPUT} | {M.ATTN_POST_NORM, M.FFN_POST_NORM},
+         biases=frozenset(), hf_tensors=GEMMA2_HF_TENSORS, sub_norms=(M.ATTN_POST_NORM, M.FFN_POST_NORM),
+         activation="gelu", hf_activations=("gelu_pytorch_tanh",), norm_shift=NORMS, embed_scale=True,
+         query_scalar=lambda n_layer, n_embd, n_head, head_dim: n_embd // n_head if n_layer == 46 else head_dim,
+         attn_softcap=50.0, final_softcap=30.0, swa_pattern=2, swa_window=4096, add_space_prefix=False),
 )}
 BY_HF_CLASS: dict[str, Arch] = {c: a for a in ARCHS.values() for c in a.hf_classes}
 
@@ -306,7 +350,6 @@ def hparam_metadata(arch: Arch, config: Mapping[str, Any], given: Mapping[str, A
 MAX_VOCAB = 1 << 24  # 64× the largest vocabulary in use: the token list is padded to vocab_size in memory
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 _OBJECTS = ("rope_scaling", "rope_parameters", "text_config")
-GRAPH_ACTIVATIONS = ("silu", "swish")  # transformers' names of the feed-forward activation llama.cpp's graphs use
 
 
 def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
@@ -318,10 +361,19 @@ def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
     for field in _BOOLS:
         if config.get(field) is not None and not isinstance(config[field], bool):
             raise QtoolError(f"config.json: {field} is {_shown(config[field])}, not true or false")
-    act = config.get("hidden_act")
-    if act is not None and act not in GRAPH_ACTIVATIONS:  # llama.cpp would run the file with SiLU all the same
-        raise QtoolError(f"config.json: hidden_act is {_shown(act)}; llama.cpp's {arch.gguf_name} graph computes "
-                         "SiLU (silu), so the converted file would give wrong results")
+    for field in ("hidden_act", "hidden_activation"):  # llama.cpp runs the file with its graph's all the same
+        act = config.get(field)
+        if act is not None and act not in arch.hf_activations:
+            raise QtoolError(f"config.json: {field} is {_shown(act)}; llama.cpp's {arch.gguf_name} graph computes "
+                             f"{arch.hf_activations[0]}, so the converted file would give wrong results")
+    scalar = config.get("query_pre_attn_scalar")
+    if arch.query_scalar is not None and scalar is not None:
+        want = arch.query_scalar(HP_LAYERS.number(config), HP_HIDDEN.number(config), HP_HEADS.number(config),
+                                 HP_HEAD_DIM.number(config))
+        if scalar != want:
+            raise QtoolError(f"config.json: query_pre_attn_scalar is {_shown(scalar)}; llama.cpp's "
+                             f"{arch.gguf_name} graph scales queries by {want}^-1/2, so the converted file would "
+                             "give wrong results")
     for hp in arch.hparams:
         if hp.default is GIVEN or hp.value(config) is OPTIONAL:
             continue
@@ -398,7 +450,8 @@ HF_SHAPES: dict[ModelTensor, tuple[str, ...]] = {
     M.ATTN_NORM: ("hidden",), M.FFN_NORM: ("hidden",),
     M.ATTN_Q: ("q", "hidden"), M.ATTN_K: ("kv", "hidden"), M.ATTN_V: ("kv", "hidden"), M.ATTN_OUT: ("hidden", "q"),
     M.FFN_GATE: ("ff", "hidden"), M.FFN_UP: ("ff", "hidden"), M.FFN_DOWN: ("hidden", "ff"),
-    M.ATTN_SUB_NORM: ("hidden",), M.FFN_SUB_NORM: ("ff",), M.ATTN_Q_NORM: ("head",), M.ATTN_K_NORM: ("head",),
+    M.ATTN_SUB_NORM: ("hidden",), M.FFN_SUB_NORM: ("ff",), M.ATTN_POST_NORM: ("hidden",), M.FFN_POST_NORM: ("hidden",),
+    M.ATTN_Q_NORM: ("head",), M.ATTN_K_NORM: ("head",),
     # one expert's slice of the stacked tensors, as the checkpoint stores each expert apart
     M.FFN_GATE_INP: ("experts", "hidden"), M.FFN_GATE_EXP: ("ff_exp", "hidden"), M.FFN_UP_EXP: ("ff_exp", "hidden"),
     M.FFN_DOWN_EXP: ("hidden", "ff_exp"),
@@ -553,6 +606,13 @@ class HParams:
     n_ctx_train: int
     n_expert: int = 0  # experts per MoE layer; 0 for a dense model
     n_expert_used: int = 0  # experts each token is routed to
+    ffn_act: str = "silu"  # the feed-forward gate's activation: "silu" | "gelu" (tanh approximation)
+    embd_scale: float = 0.0  # the token embeddings times this (gemma: sqrt(n_embd)); 0: not scaled
+    q_scale: float = 0.0  # queries times this before attention, the scores then unscaled; 0: 1/sqrt(head_dim)
+    attn_softcap: float = 0.0  # scores → cap * tanh(scores / cap); 0: none
+    final_softcap: float = 0.0  # the same for the output logits
+    n_swa: int = 0  # the sliding window: a query sees the n_swa newest positions (itself included)
+    swa_layers: tuple[bool, ...] = ()  # which layers use the window (none when empty)
 
 
 MAX_HPARAM = 2**31 - 1  # llama.cpp keeps hparams in int32/uint32
@@ -636,13 +696,28 @@ def hparams_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any] | 
     else:
         tokens = metadata.get(K.Tokenizer.LIST)
         n_vocab = key_int(K.LLM.VOCAB_SIZE, len(tokens) if isinstance(tokens, list) else 0, lo=0)
-    return HParams(arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=key_int(K.LLM.BLOCK_COUNT, required=True),
+    rec = ARCHS[arch]
+    n_layer = key_int(K.LLM.BLOCK_COUNT, required=True)
+    n_swa, swa_layers = 0, ()
+    if rec.swa_pattern:
+        n_swa = key_int(K.Attention.SLIDING_WINDOW, rec.swa_window, lo=0)
+        pattern = key_int(K.Attention.SLIDING_WINDOW_PATTERN, rec.swa_pattern, lo=0)
+        swa_layers = tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer)) if n_swa else ()
+    q_scale = 0.0
+    if rec.query_scalar is not None:  # float32 as llama.cpp's 1.0f / sqrtf(float(...))
+        q_scale = float(np.float32(1) / np.sqrt(np.float32(rec.query_scalar(n_layer, n_embd, n_head, head_dim))))
+    softcap = lambda template, default: key_float(template, default) if default else 0.0  # noqa: E731
+    return HParams(arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer,
                    n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
                    n_ff=key_int(K.LLM.FEED_FORWARD_LENGTH, 0, lo=0),
                    eps=key_float(K.Attention.LAYERNORM_RMS_EPS, 1e-5),
                    rope_base=key_float(K.Rope.FREQ_BASE, 10000.0), n_rot=n_rot, rope_mode=ARCHS[arch].rope_mode,
                    freq_scale=freq_scale, n_ctx_train=_ctx(key(K.LLM.CONTEXT_LENGTH, 0), arch),
-                   n_expert=n_expert, n_expert_used=n_expert_used)
+                   n_expert=n_expert, n_expert_used=n_expert_used, ffn_act=rec.activation,
+                   embd_scale=float(np.sqrt(np.float32(n_embd))) if rec.embed_scale else 0.0, q_scale=q_scale,
+                   attn_softcap=softcap(K.LLM.ATTN_LOGIT_SOFTCAPPING, rec.attn_softcap),
+                   final_softcap=softcap(K.LLM.FINAL_LOGIT_SOFTCAPPING, rec.final_softcap),
+                   n_swa=n_swa, swa_layers=swa_layers)
 
 
 def _ctx(v: Any, arch: str) -> int:

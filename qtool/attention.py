@@ -10,7 +10,11 @@ dots llama.cpp computes, and V is read as float32, as its flash attention does f
   matmul computes its scores and outputs, so memory stays O(query tile x key tile) however long the prompt;
 - decode (a few tokens) over F16, F32 and Q8_0 caches: kernels/attention.py reads K and V as stored, since
   converting the cache per token and layer cost more than the attention itself.
-Heads are grouped (GQA): query head h reads KV head h // (n_head / n_head_kv); scale 1/sqrt(head_dim).
+Heads are grouped (GQA): query head h reads KV head h // (n_head / n_head_kv); scale 1/sqrt(head_dim) unless
+the caller gives one. Gemma's extras, as llama.cpp's build_attn: scores soft-capped (cap * tanh(s / cap)) before
+the softmax, and a sliding window (a query at p sees keys p - window + 1 .. p: the older ones are masked as the
+future is). Windowed or capped attention always takes the tiled path, decode too: the compiled kernels know
+neither.
 """
 from __future__ import annotations
 
@@ -98,9 +102,11 @@ class KVCache:
             out.append(rows.astype(np.float32, copy=False))
         return out[0], out[1]
 
-    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> np.ndarray:
+    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, scale: float | None = None,
+               softcap: float = 0.0, window: int = 0) -> np.ndarray:
         """Store k, v of T new tokens at pos0, then causal attention of their queries q (T, n_head, head_dim) over
-        positions 0..pos0+T-1: out (T, n_head * head_dim_v)."""
+        positions 0..pos0+T-1 (the `window` newest of them, when given): out (T, n_head * head_dim_v). Scores are
+        scaled by `scale` (default 1/sqrt(head_dim)), then soft-capped when `softcap` is given."""
         T, n_head, hd = q.shape
         n_head_kv = k.shape[1]
         self.store(layer, pos0, k, v)
@@ -111,11 +117,12 @@ class KVCache:
         # queries meet K in K's dot-product type, as ggml's vec_dot converts its second operand
         if self._q_kind != "f32":
             qh = mm.Act(self._q_kind, qh.reshape(-1, hd)).dequantized().reshape(qh.shape)
-        scale = np.float32(1.0 / np.sqrt(np.float32(hd)))
-        if T < mm.BLAS_MIN_TOKENS:  # the same switch as the weights' products: few tokens, no float32 copy
+        scale = np.float32(1.0 / np.sqrt(np.float32(hd)) if scale is None else scale)
+        # the same switch as the weights' products: few tokens, no float32 copy
+        if T < mm.BLAS_MIN_TOKENS and not softcap and not window:
             o = self._attend_stored(layer, np.ascontiguousarray(qh, dtype=np.float32), n, pos0, T, scale)
         else:
-            o = self._attend_tiled(layer, qh.reshape(n_head_kv, g, T, hd), pos0, scale)
+            o = self._attend_tiled(layer, qh.reshape(n_head_kv, g, T, hd), pos0, scale, softcap, window)
         return o.reshape(n_head, T, self.head_dim_v).transpose(1, 0, 2).reshape(T, n_head * self.head_dim_v)
 
     def _attend_stored(self, layer: int, qh: np.ndarray, n: int, pos0: int, T: int,
@@ -130,7 +137,8 @@ class KVCache:
                       v.view(np.uint16) if v.dtype == np.float16 else v, n, pos0, T, scale, o)
         return o
 
-    def _attend_tiled(self, layer: int, q: np.ndarray, pos0: int, scale: np.float32) -> np.ndarray:
+    def _attend_tiled(self, layer: int, q: np.ndarray, pos0: int, scale: np.float32, softcap: float = 0.0,
+                      window: int = 0) -> np.ndarray:
         """Prompt: flash attention. q (Hkv, g, T, hd) → (Hkv, g*T, hd_v). For each tile of queries, the keys
         they can see go by in tiles converted to float32; a running maximum m, sum l and output acc per query
         take each tile's scores exp(s - m) (rescaling what came before when m grows), so no score matrix
@@ -144,18 +152,29 @@ class KVCache:
             m = np.full((H, qt.shape[1], 1), -np.inf, np.float32)
             l = np.zeros((H, qt.shape[1], 1), np.float32)
             acc = np.zeros((H, qt.shape[1], self.head_dim_v), np.float32)
-            for k0 in range(0, pos0 + t1, KV_TILE):  # the last query of the tile sees up to pos0 + t1 - 1
+            # the first query of the tile sees back to pos0 + t0 - window + 1; the last up to pos0 + t1 - 1
+            first = max(0, pos0 + t0 - window + 1) if window else 0
+            for k0 in range(first, pos0 + t1, KV_TILE):
                 k1 = min(pos0 + t1, k0 + KV_TILE)
                 K, V = self.load(layer, k0, k1)
                 s = np.matmul(qt, np.ascontiguousarray(K.transpose(0, 2, 1)))  # (Hkv, g*tile, keys)
                 s *= scale
+                if softcap:  # as ggml: scale by 1/cap, tanh, scale by cap
+                    s *= np.float32(1.0 / np.float32(softcap))
+                    np.tanh(s, out=s)
+                    s *= np.float32(softcap)
+                keys = np.arange(k0, k1)[None, :]
+                # added as a bias over all heads: a boolean-indexed store costs 40x the add
                 if k1 - 1 > pos0 + t0:  # causal: the query at position p sees keys up to p
-                    # added as a bias over all heads: a boolean-indexed store costs 40x the add
-                    s += np.where(np.arange(k0, k1)[None, :] > q_pos[:, None], np.float32(-np.inf), np.float32(0))
-                m_new = np.maximum(m, s.max(axis=-1, keepdims=True))  # finite: key 0 is in every query's view
-                s -= m_new
+                    s += np.where(keys > q_pos[:, None], np.float32(-np.inf), np.float32(0))
+                if window and k0 <= pos0 + t1 - 1 - window:  # and, in a window, none older than p - window + 1
+                    s += np.where(keys <= q_pos[:, None] - window, np.float32(-np.inf), np.float32(0))
+                m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
+                # a query whose keys in this tile are all masked (windows) has m_new -inf until its first key
+                m_safe = np.where(m_new == -np.inf, np.float32(0), m_new)
+                s -= m_safe
                 np.exp(s, out=s)
-                rescale = np.exp(m - m_new)
+                rescale = np.exp(m - m_safe)
                 l = l * rescale + s.sum(axis=-1, keepdims=True)
                 acc *= rescale
                 acc += np.matmul(s, V)

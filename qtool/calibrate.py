@@ -96,7 +96,7 @@ def imatrix_from_checkpoint(src: str, text: str, dataset: str, n_ctx: int = 512,
     from qtool import imatrix as im
     from qtool.archs import hparams_from_gguf
     from qtool.attention import KVCache
-    from qtool.model import N_BATCH, block, rope_tables
+    from qtool.model import N_BATCH, block, embed, rope_tables
     from qtool.tokenizer import Tokenizer
     from qtool.weights import Embedding, _Loader, observed_layer
 
@@ -117,7 +117,7 @@ def imatrix_from_checkpoint(src: str, text: str, dataset: str, n_ctx: int = 512,
         embd = Embedding(emb.ggml_type, source.array(tensor_name(M.TOKEN_EMBD)), cfg.n_embd)
         # the residual stream of every chunk, split as the runner splits a chunk into batches of N_BATCH tokens
         batches = [(c, b0) for c in range(len(wins)) for b0 in range(0, n_ctx, N_BATCH)]
-        stream = [embd(wins[c][b0:b0 + N_BATCH]) for c, b0 in batches]
+        stream = [embed(cfg, embd, wins[c][b0:b0 + N_BATCH]) for c, b0 in batches]
         source.release_all()
         freqs = source.tensors.get(tensor_name(M.ROPE_FREQS))
         rope_freqs = loader.vector(tensor_name(M.ROPE_FREQS), cfg.n_rot // 2) if freqs is not None else None

@@ -104,6 +104,16 @@ def _ternary(values: np.ndarray, dtype: str) -> np.ndarray:
     return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
 
 
+def _norm_shifted(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Gemma's norm weights as its converter writes them: 1 + w, added in the stored dtype as torch does."""
+    w = values.astype(np.float32) if dtype != "BF16" else (values.astype(np.uint32) << 16).view(np.float32)
+    q = w + np.float32(1)
+    if dtype != "BF16":
+        return q.astype(values.dtype)
+    bits = q.view(np.uint32)  # round to nearest even
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
 def plan(src: str, type_name: str, opts: RecipeOptions = RecipeOptions(), allow_requantize: bool = False) -> Plan:
     """Everything about the output file except the tensor data."""
     key = type_name.upper()
@@ -177,12 +187,15 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
         heads = {ModelTensor.ATTN_Q: n_head, ModelTensor.ATTN_K: n_head_kv}.get(kind, 0)
         permute = arch.permute_qk and heads > 0 and suffix == "weight"
         ternary = kind in arch.ternary and suffix == "weight"
+        shift = kind in arch.norm_shift and suffix == "weight"
 
-        def load(hf_name=hf_name, heads=heads, permute=permute, ternary=ternary):
+        def load(hf_name=hf_name, heads=heads, permute=permute, ternary=ternary, shift=shift):
             values, dtype = ckpt.stored(hf_name)
             rows = archs.permute_qk(np.arange(values.shape[0]), heads) if permute else None
             if ternary:
                 values = _ternary(values, dtype)
+            if shift:
+                values = _norm_shifted(values, dtype)
             return Stored(values, dtype, rows, lambda: ckpt.release(hf_name))
 
         jobs.append(TensorJob(name, ckpt.shape(hf_name), GGMLType.F32, load))
@@ -203,6 +216,8 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
         G.FILE_TYPE: int(FILE_TYPES[key]), arch_key(Keys.LLM.VOCAB_SIZE, arch.gguf_name): n_vocab})
     md.append((G.QUANTIZATION_VERSION, GGML_QUANTIZATION_VERSION, ValueType.UINT32, None))
     md += tok.entries
+    if arch.add_space_prefix is not None:  # Gemma's converter writes a constant one after the vocabulary
+        md.append((Keys.Tokenizer.ADD_PREFIX, arch.add_space_prefix, ValueType.BOOL, None))
     card = model_card_warning(ckpt.folder)
     return Plan(md, jobs, model_name, key, tok.warnings + ([card] if card else []), ckpt.close)
 

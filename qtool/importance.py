@@ -2,7 +2,8 @@
 
 Which tensor gets which weights: every tensor that is quantized looks up its GGUF name in the file (after
 `--exclude-weights` / `--include-weights`, substring matches, as llama-quantize filters the entries); the
-weights are the file's in_sum2 / counts (formats/imatrix.py), one vector of the row length per expert. A tensor
+weights are the file's in_sum2 / counts (formats/imatrix.py), one vector of the row length per expert, and each
+expert's rows of a stacked `_exps` tensor are quantized with that expert's vector, as llama-quant.cpp does. A tensor
 with no entry is quantized without weights and named in a warning (llama.cpp only logs it); an entry of the
 wrong size is an error, except for token_embd, which llama.cpp quantizes without weights then. The file gets the
 `quantize.imatrix.*` keys llama-quantize writes, after everything else.
@@ -56,9 +57,8 @@ def apply(plan, data: ImatrixData, file_arg: str, include: list[str] = (), exclu
                 continue
             raise QtoolError(f"{file_arg}: importance for {job.name} has {w.size} values, the tensor needs "
                              f"{n_cols * n_mat}")
-        if n_mat > 1:
-            raise QtoolError(f"{job.name}: importance-weighted quantization of expert tensors is not supported yet")
-        job.quant_weights = np.ascontiguousarray(w, dtype=np.float32)
+        # an expert tensor's entry is one row per expert (llama-quant.cpp: expert row // rows per expert)
+        job.quant_weights = np.ascontiguousarray(w.reshape(n_mat, n_cols) if n_mat > 1 else w, dtype=np.float32)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         plan.warnings.append(f"the importance matrix has no entry for {len(missing)} tensor(s), quantized without "

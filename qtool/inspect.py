@@ -10,11 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from qtool.formats.constants import FILE_TYPES, IMATRIX_GENERAL_TYPE, FileType, Keys, arch_key
+from qtool.archs import EXPERT_KINDS
+from qtool.formats.constants import FILE_TYPES, IMATRIX_GENERAL_TYPE, TENSOR_NAMES, FileType, Keys, arch_key
 from qtool.formats.gguf_reader import GGUFFile
 from qtool.recipes import Refused
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+_EXPERTS = re.compile("|".join(re.escape(TENSOR_NAMES[k] + ".").replace(re.escape("{bid}"), r"\d+")
+                               for k in EXPERT_KINDS))  # blk.N.ffn_{gate,up,down}_exps.*
 SUMMARY_KEYS = (Keys.General.ARCHITECTURE, Keys.General.NAME, Keys.General.FILE_TYPE, Keys.General.ALIGNMENT)
 
 
@@ -39,8 +42,25 @@ def tensor_rows(tensors: list[dict]) -> list[dict]:
         nbytes = sum(t["nbytes"] for t in ts)
         types = sorted({t["type"] for t in ts})
         rows.append({"layer": layer, "tensors": len(ts), "types": types, "parameters": params, "bytes": nbytes,
-                     "bits_per_weight": 8 * nbytes / params if params else 0.0})
+                     "bits_per_weight": 8 * nbytes / params if params else 0.0,
+                     "experts": max((t["shape"][0] for t in ts if is_expert(t["name"])), default=0)})
     return rows
+
+
+def is_expert(name: str) -> bool:
+    """A layer's experts stacked into one tensor, expert first (numpy order)."""
+    return _EXPERTS.match(name) is not None
+
+
+def per_token(tensors: list[dict], n_used: int) -> tuple[int, int]:
+    """(parameters, bytes) one token's forward pass multiplies by: every tensor whole but the expert tensors, of
+    which only the n_used experts the router picks (each expert's rows are whole blocks, so its bytes are exact)."""
+    params = nbytes = 0
+    for t in tensors:
+        share = (n_used, t["shape"][0]) if is_expert(t["name"]) and n_used else (1, 1)
+        params += t["n_elements"] // share[1] * share[0]
+        nbytes += t["nbytes"] // share[1] * share[0]
+    return params, nbytes
 
 
 def _short(value: Any, limit: int = 8) -> Any:
@@ -69,6 +89,9 @@ def gguf_report(path: Path, full_meta: bool = False) -> dict:
         params = sum(t["n_elements"] for t in tensors)
         data_bytes = sum(t["nbytes"] for t in tensors)
         tokens = g.get(Keys.Tokenizer.LIST)
+        n_expert = g.get(arch_key(Keys.LLM.EXPERT_COUNT, arch), 0)
+        n_used = g.get(arch_key(Keys.LLM.EXPERT_USED_COUNT, arch), 0)
+        active_params, token_bytes = per_token(tensors, n_used if n_expert else 0)
         report = {
             "file": str(path), "file_bytes": g.size, "gguf_version": g.version, "architecture": arch,
             "name": g.get(Keys.General.NAME), "file_type": ft_name,
@@ -78,6 +101,8 @@ def gguf_report(path: Path, full_meta: bool = False) -> dict:
             "vocab_size": g.get(arch_key(Keys.LLM.VOCAB_SIZE, arch), len(tokens) if tokens is not None else None),
             "alignment": g.alignment, "tensor_count": len(tensors), "parameters": params,
             "tensor_bytes": data_bytes, "bits_per_weight": 8 * data_bytes / params if params else 0.0,
+            "expert_count": n_expert, "expert_used_count": n_used,
+            "active_parameters": active_params, "bytes_per_token": token_bytes,
             "types": {k: sum(1 for t in tensors if t["type"] == k) for k in sorted({t["type"] for t in tensors})},
             "layers": tensor_rows(tensors), "tensors": tensors,
             "metadata": {k: {"type": f.type.name if f.elem_type is None else f"{f.type.name}[{f.elem_type.name}]",
@@ -113,8 +138,8 @@ def checkpoint_report(src: str) -> dict:
                 w.add_tensor(j.name, j.shape, j.ggml_type)
             if base is None:
                 base = p
-                rows = tensor_rows([{"name": t.name, "type": t.ggml_type.name, "n_elements": math.prod(t.shape),
-                                     "nbytes": t.nbytes} for t in w.tensors])
+                rows = tensor_rows([{"name": t.name, "shape": list(t.shape), "type": t.ggml_type.name,
+                                     "n_elements": math.prod(t.shape), "nbytes": t.nbytes} for t in w.tensors])
             nbytes = w.file_size
             fallbacks = sum(1 for j in p.jobs if j.note)
             sizes.append({"type": type_name, "file_bytes": nbytes, "bits_per_weight": 8 * nbytes / p.n_params,

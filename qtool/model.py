@@ -1,5 +1,5 @@
 """The runner's model: the Llama-family forward pass (GGUF architectures `llama`, `qwen2`, `qwen3`, `qwen3moe`,
-`bitnet`) on a memory-mapped GGUF file. The weights (qtool/weights.py) stay in their stored form and carry their
+`bitnet`, `gemma2`) on a memory-mapped GGUF file. The weights (qtool/weights.py) stay in their stored form and carry their
 own products (kernels/matmul.py); the KV cache and attention are qtool/attention.py.
 
 It follows llama.cpp's graph (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, bitnet.cpp) and CPU math:
@@ -17,6 +17,10 @@ It follows llama.cpp's graph (src/models/llama.cpp, qwen2.cpp, qwen3.cpp, bitnet
   probabilities renormalized to sum 1 (both graphs pass norm_w) → the weighted sum of each chosen expert's SwiGLU;
 - bitnet's sub-norms when the layer has them (bitnet.cpp): RMSNorm of the attention output before
   attn_output, and of silu(gate) * up before ffn_down;
+- gemma2's extras (gemma2.cpp), each said by the hparams or the layer record: embeddings times sqrt(n_embd),
+  queries times query_pre_attn_scalar^-1/2, attention scores and output logits soft-capped (cap * tanh(x / cap)),
+  a sliding window on the layers the pattern names, post-norms of the attention and feed-forward outputs, and a
+  GELU gate (ggml's F16 table) in place of SiLU;
 - the KV cache holds K and V as F16 (default, as llama.cpp), F32, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1; queries meet K
   in K's dot-product type (rounded to F16, or quantized to Q8_0 / Q8_1), as ggml's vec_dot does; long prompts go
   through flash attention in tiles.
@@ -33,7 +37,7 @@ from qtool.attention import KV_TYPES, KVCache, bytes_per_position, check_kv_type
 from qtool.errors import QtoolError
 from qtool.formats.gguf_reader import GGUFFile
 from qtool.kernels import matmul as mm
-from qtool.weights import LayerWeights, load_weights
+from qtool.weights import Embedding, LayerWeights, load_weights
 
 __all__ = ["KV_TYPES", "Model"]
 
@@ -175,7 +179,7 @@ class Model:
         T = len(tokens)
         pos0 = self.n_past
         # the tokens' embedding rows, dequantized: x (T, n_embd) is the residual stream
-        x = w.token_embd(tokens)
+        x = embed(c, w.token_embd, tokens)
         # RoPE angles of these positions, shared by every layer
         rope = rope_tables(c, w.rope_freqs, np.arange(pos0, pos0 + T))
         for i, L in enumerate(w.layers):
@@ -187,11 +191,25 @@ class Model:
         if not all_logits:
             x = x[-1:]
         # final norm, then the vocabulary projection
-        return w.output(_rms_norm(x, w.output_norm, c.eps))
+        return _soft_cap(w.output(_rms_norm(x, w.output_norm, c.eps)), c.final_softcap)
 
 
 
 # ---- the layer math, shared by Model and by calibration from a checkpoint (qtool/calibrate.py) ----------------
+def embed(c: HParams, token_embd: Embedding, tokens: np.ndarray) -> np.ndarray:
+    """The residual stream's start (T, n_embd): the tokens' embedding rows, times sqrt(n_embd) when the graph
+    scales them (gemma)."""
+    x = token_embd(tokens)
+    return x * np.float32(c.embd_scale) if c.embd_scale else x
+
+
+def _soft_cap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap) as ggml computes it (scale by 1/cap, tanh, scale by cap, each in float32); cap 0: x."""
+    if not cap:
+        return x
+    return np.tanh(x * np.float32(1.0 / np.float32(cap))) * np.float32(cap)
+
+
 def rope_tables(c: HParams, rope_freqs: np.ndarray | None, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (T, 1, n_rot/2) of the angles pos * theta_scale^i, with theta_scale = base^(-2/n_rot) in float32
     pow and its powers built by repeated float32 multiplication as ggml does (not pow per pair: the last bits
@@ -233,8 +251,14 @@ def block(c: HParams, L: LayerWeights, x: np.ndarray, cache: KVCache, i: int, ro
           pos0: int) -> np.ndarray:
     """Transformer block i on the residual stream x (T, n_embd) at positions pos0..: each half adds to the stream
     what it computes from a normed copy (pre-norm residuals)."""
-    x = x + _attention(c, L, _rms_norm(x, L.attn_norm, c.eps), cache, i, rope, pos0)
-    return x + _feed_forward(c, L, _rms_norm(x, L.ffn_norm, c.eps))
+    a = _attention(c, L, _rms_norm(x, L.attn_norm, c.eps), cache, i, rope, pos0)
+    if L.attn_post_norm is not None:  # gemma2: each half's output is normed again before it is added
+        a = _rms_norm(a, L.attn_post_norm, c.eps)
+    x = x + a
+    f = _feed_forward(c, L, _rms_norm(x, L.ffn_norm, c.eps))
+    if L.ffn_post_norm is not None:
+        f = _rms_norm(f, L.ffn_post_norm, c.eps)
+    return x + f
 
 
 def _attention(c: HParams, L: LayerWeights, h: np.ndarray, cache: KVCache, i: int,
@@ -255,9 +279,11 @@ def _attention(c: HParams, L: LayerWeights, h: np.ndarray, cache: KVCache, i: in
         k = _rms_norm(k.reshape(-1, c.head_dim), L.k_norm, c.eps).reshape(k.shape)
     # rotate Q and K by position; V is not rotated
     q, k = _rope(c, q, rope), _rope(c, k, rope)
+    if c.q_scale:  # gemma: the rotated queries scaled (query_pre_attn_scalar), the scores then taken as they are
+        q = q * np.float32(c.q_scale)
     v = v.reshape(T, c.n_head_kv, c.head_dim_v)
-    # K, V into the cache, then the queries over every position so far
-    o = cache.attend(i, q, k, v, pos0)
+    # K, V into the cache, then the queries over every position so far (or the layer's window of them)
+    o = cache.attend(i, q, k, v, pos0, scale=1.0 if c.q_scale else None, softcap=c.attn_softcap, window=L.window)
     if L.attn_sub_norm is not None:
         o = _rms_norm(o, L.attn_sub_norm, c.eps)
     o = L.wo(o)
@@ -271,13 +297,31 @@ def _swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return gate / (np.float32(1.0) + np.exp(-gate)) * up
 
 
+GELU_COEF_A, SQRT_2_OVER_PI = np.float32(0.044715), np.float32(0.79788456080286535587989211986876)
+
+
+def _geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """ggml's CPU geglu: GELU (tanh approximation) looked up in its F16 table (gelu of the gate rounded to F16,
+    the result rounded to F16), 0 below -10 and the gate itself above 10, times up."""
+    x = gate.astype(np.float16).astype(np.float32)
+    half = np.float32(0.5)
+    g = (half * x * (np.float32(1) + np.tanh(SQRT_2_OVER_PI * x * (np.float32(1) + GELU_COEF_A * x * x))))
+    g = g.astype(np.float16).astype(np.float32)
+    g = np.where(gate <= -10, np.float32(0), np.where(gate >= 10, gate, g))
+    return g * up
+
+
+GATES = {"silu": _swiglu, "gelu": _geglu}
+
+
 def _feed_forward(c: HParams, L: LayerWeights, h: np.ndarray) -> np.ndarray:
-    """SwiGLU of the normed stream h (T, n_embd): down(silu(gate h) * up h), the product RMS-normed first when
-    the layer has ffn_sub_norm; a mixture of experts when it has a router."""
+    """The gated feed-forward of the normed stream h (T, n_embd): down(act(gate h) * up h), act SiLU or GELU
+    (c.ffn_act), the product RMS-normed first when the layer has ffn_sub_norm; a mixture of experts when it has a
+    router."""
     if L.ffn_gate_inp is not None:
         return _experts(c, L, h)
     acts: dict = {}
-    act = _swiglu(L.w_gate(h, acts), L.w_up(h, acts))
+    act = GATES[c.ffn_act](L.w_gate(h, acts), L.w_up(h, acts))
     if L.ffn_sub_norm is not None:
         act = _rms_norm(act, L.ffn_sub_norm, c.eps)
     return L.w_down(act)

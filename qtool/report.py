@@ -33,6 +33,9 @@ def print_gguf(r: dict, show_tensors: bool = False, show_meta: bool = False) -> 
              ("vocab", r["vocab_size"]), ("alignment", r["alignment"]), ("tensors", r["tensor_count"]),
              ("parameters", f"{r['parameters']:,}"), ("bits/weight", f"{r['bits_per_weight']:.3f}"),
              ("types", ", ".join(f"{k}×{v}" for k, v in r["types"].items()))]
+    if r["expert_count"]:  # mixture of experts: a token multiplies only the experts its router picks
+        facts += [("experts", f"{r['expert_count']} per layer, {r['expert_used_count']} used per token"),
+                  ("per token", f"{_mb(r['bytes_per_token'])} read, {r['active_parameters']:,} parameters")]
     for k, v in facts:
         con.print(f"  {k:<13} {safe(v)}")
     t = Table(title="per layer", show_footer=True)
@@ -42,9 +45,12 @@ def print_gguf(r: dict, show_tensors: bool = False, show_meta: bool = False) -> 
     t.add_column("parameters", justify="right", footer=f"{r['parameters']:,}")
     t.add_column("bytes", justify="right", footer=_mb(r["tensor_bytes"]))
     t.add_column("bits/weight", justify="right", footer=f"{r['bits_per_weight']:.3f}")
+    if r["expert_count"]:
+        t.add_column("experts", justify="right")
     for row in r["layers"]:
         t.add_row(cell(row["layer"]), str(row["tensors"]), ", ".join(row["types"]), f"{row['parameters']:,}",
-                  _mb(row["bytes"]), f"{row['bits_per_weight']:.3f}")
+                  _mb(row["bytes"]), f"{row['bits_per_weight']:.3f}",
+                  *([str(row["experts"] or "")] if r["expert_count"] else []))
     con.print(t)
     if show_tensors:
         t = Table(title="tensors")

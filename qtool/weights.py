@@ -67,6 +67,9 @@ class LayerWeights:
     ffn_sub_norm: np.ndarray | None = None  # (n_ff,) RMSNorm of silu(gate) * up before w_down (bitnet)
     q_norm: np.ndarray | None = None  # (head_dim,) RMSNorm of each query head before RoPE (qwen3)
     k_norm: np.ndarray | None = None  # (head_dim,) RMSNorm of each key head before RoPE (qwen3)
+    attn_post_norm: np.ndarray | None = None  # (n_embd,) RMSNorm of the attention output before the add (gemma2)
+    ffn_post_norm: np.ndarray | None = None  # (n_embd,) RMSNorm of the feed-forward output before the add (gemma2)
+    window: int = 0  # a sliding-window layer's window (queries see that many newest positions); 0: all of them
 
 
 class ScaledWeight:
@@ -194,7 +197,10 @@ class _Loader:
             attn_sub_norm=self.vector(tensor_name(M.ATTN_SUB_NORM, i), c.n_embd, required=False),
             ffn_sub_norm=self.vector(tensor_name(M.FFN_SUB_NORM, i), n_ff, required=False),
             q_norm=self.vector(tensor_name(M.ATTN_Q_NORM, i), c.head_dim, required=False),
-            k_norm=self.vector(tensor_name(M.ATTN_K_NORM, i), c.head_dim, required=False))
+            k_norm=self.vector(tensor_name(M.ATTN_K_NORM, i), c.head_dim, required=False),
+            attn_post_norm=self.vector(tensor_name(M.ATTN_POST_NORM, i), c.n_embd, required=False),
+            ffn_post_norm=self.vector(tensor_name(M.FFN_POST_NORM, i), c.n_embd, required=False),
+            window=c.n_swa if c.swa_layers and c.swa_layers[i] else 0)
 
 
 def load_weights(gguf: GGUFFile, cfg: HParams, fail: Callable[[str], QtoolError]) -> ModelWeights:

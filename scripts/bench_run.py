@@ -1,17 +1,19 @@
 """Runner speed: prompt and decode tokens/s and peak RSS of qtool's runner beside llama.cpp's, same file, threads.
 
-    python scripts/bench_run.py [--model base|135m|quick] [--types F16,Q8_0,Q4_0,Q4_K_M,Q2_K] [--threads 2]
+    python scripts/bench_run.py [--model base|135m|moe|quick] [--types F16,Q8_0,Q4_0,Q4_K_M,Q2_K] [--threads 2]
                                 [--prompt 512] [--decode 128] [--cpu-name haswell]
 
 Uses (or builds, in bench-out/) a synthetic checkpoint and its F16 GGUF, and qtool-quantized files of each type:
-`base` is the ~0.66B model of the foundation benchmark (12 layers, hidden 2048); `135m` has the shape of a real
-135M Llama (30 layers, hidden 576, 9 heads / 3 KV heads, FFN 1536, vocab 49152, tied embeddings), where per-call
-overhead rather than bandwidth dominates decoding. --cpu-name compiles qtool's kernels for an older target
-(numba's NUMBA_CPU_NAME, e.g. haswell = AVX2 without AVX-512) to measure AVX2 speed on a newer CPU; llama.cpp
-stays built for this CPU, so that column compares qtool-on-AVX2 with llama.cpp at its best. Each measurement is a fresh child process (peak RSS is its own): evaluate a
-prompt of --prompt tokens in one batch (llama-bench's pp), then --decode tokens one at a time (tg), greedy. qtool
-and llama.cpp (llama-cpp-python) alternate per type so that machine load hits both alike. The decode bound is the
-machine's measured copy bandwidth over the weight bytes one token reads (every tensor but the token embedding).
+`base` is the ~0.66B model of the foundation benchmark (12 layers, hidden 2048); `moe` a small Mixtral (8 layers,
+hidden 1024, 8 experts of FFN 1536, 2 per token: a token reads about a third of the weights); `135m` has the shape
+of a real 135M Llama (30 layers, hidden 576, 9 heads / 3 KV heads, FFN 1536, vocab 49152, tied embeddings), where
+per-call overhead rather than bandwidth dominates decoding. --cpu-name compiles qtool's kernels for an older target
+(numba's NUMBA_CPU_NAME, e.g. haswell = AVX2 without AVX-512) to measure AVX2 speed on a newer CPU; llama.cpp stays
+built for this CPU, so that column compares qtool-on-AVX2 with llama.cpp at its best. Each measurement is a fresh
+child process (peak RSS is its own): evaluate a prompt of --prompt tokens in one batch (llama-bench's pp), then
+--decode tokens one at a time (tg), greedy. qtool and llama.cpp (llama-cpp-python) alternate per type so that
+machine load hits both alike. The decode bound is the machine's measured copy bandwidth over the weight bytes one
+token reads (every tensor but the token embedding; of an expert tensor, the experts a token uses).
 """
 from __future__ import annotations
 
@@ -75,7 +77,10 @@ print(json.dumps([pp, tg, 0]))
 # the real 135M Llama shape of the runner-speed issue (SmolLM-135M's), with tied embeddings
 SHAPE_135M = dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, dtype="bf16",
                   tie_embeddings=True)
-MODELS = {"base": BASE, "135m": SHAPE_135M, "quick": QUICK}
+# a small Mixtral: 8 experts of which 2 per token, so decoding reads about a third of the weights
+SHAPE_MOE = dict(arch="mixtral", hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=1536, experts=8,
+                 experts_used=2, vocab=32000, dtype="bf16")
+MODELS = {"base": BASE, "135m": SHAPE_135M, "moe": SHAPE_MOE, "quick": QUICK}
 
 
 def f16_model(out: Path, model: str) -> tuple[str, Path]:
@@ -102,8 +107,14 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
 
 
 def weight_bytes_per_token(path: Path) -> int:
+    """Bytes of the weights one decoded token reads: all but the token embedding (one row of it), and of each
+    expert tensor only the experts a token uses."""
     with GGUFFile(path) as g:
-        return sum(t.nbytes for n, t in g.tensors.items() if n != "token_embd.weight")
+        arch = g.metadata.get("general.architecture")
+        n_expert = g.metadata.get(f"{arch}.expert_count") or 1
+        used = g.metadata.get(f"{arch}.expert_used_count") or 1
+        return int(sum(t.nbytes * (used / n_expert if n.endswith("_exps.weight") else 1)
+                       for n, t in g.tensors.items() if n != "token_embd.weight"))
 
 
 def measure(child: str, path: Path, args, cpu_name: str | None = None) -> tuple[float, float, int, int]:
@@ -148,17 +159,19 @@ def main() -> None:
         t_pp = t_tg = None
         if args.cpu_name:
             t_pp, t_tg, _, _ = measure(QTOOL_CHILD, path, args, args.cpu_name)
-        bound = bw / weight_bytes_per_token(path)
+        per_token = weight_bytes_per_token(path)
+        bound = bw / per_token
         print(f"  {type_name}: llama.cpp pp {l_pp:.1f} tg {l_tg:.2f}; qtool pp {q_pp:.1f} tg {q_tg:.2f} tok/s"
               + (f"; qtool on {args.cpu_name} pp {t_pp:.1f} tg {t_tg:.2f}" if t_pp else ""), flush=True)
         rows.append([type_name, mb(size), f"{l_pp:.1f}", f"{q_pp:.1f}", f"{q_pp / l_pp:.2f}", f"{l_tg:.2f}",
-                     f"{q_tg:.2f}", f"{q_tg / l_tg:.2f}", f"{bound:.1f}", mb(l_rss), mb(q_rss),
+                     f"{q_tg:.2f}", f"{q_tg / l_tg:.2f}", mb(per_token), f"{bound:.1f}", mb(l_rss), mb(q_rss),
                      mb(size + kv), f"{q_rss / (size + kv):.2f}",
                      f"{ISSUE_PP.get(type_name, '')}/{ISSUE_TG.get(type_name, '')}" if label == "base" else ""]
                     + ([f"{t_pp:.1f}", f"{t_pp / l_pp:.2f}", f"{t_tg:.2f}", f"{t_tg / l_tg:.2f}"] if t_pp else []))
     print()
     print(table(["type", "file MB", "llama.cpp pp", "qtool pp", "pp ratio", "llama.cpp tg", "qtool tg", "tg ratio",
-                 "tg bound", "llama.cpp RSS MB", "qtool RSS MB", "file+KV MB", "qtool RSS / (file+KV)",
+                 "MB read per token", "tg bound", "llama.cpp RSS MB", "qtool RSS MB", "file+KV MB",
+                 "qtool RSS / (file+KV)",
                  "issue's llama-bench pp/tg"]
                 + ([f"qtool pp ({args.cpu_name})", "pp ratio", f"qtool tg ({args.cpu_name})", "tg ratio"]
                    if args.cpu_name else []), rows))

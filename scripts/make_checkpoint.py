@@ -2,12 +2,13 @@
 """Write a synthetic Hugging Face checkpoint: real shapes, random weights, for tests and benchmarks.
 
     python scripts/make_checkpoint.py OUT_DIR [--hidden 2048 --layers 12 --heads 32 --kv-heads 4
-        --intermediate 5632 --vocab 32000 --dtype bf16|f16|f32 --shards N --seed S --arch llama|qwen2
-        --tie-embeddings]
+        --intermediate 5632 --vocab 32000 --dtype bf16|f16|f32 --shards N --seed S --arch llama|qwen2|mixtral
+        --experts 8 --experts-used 2 --tie-embeddings]
 
-The folder holds `config.json` (LlamaForCausalLM or Qwen2ForCausalLM), `generation_config.json`, the weights as
-`model.safetensors` or `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` (Hugging Face's
-names and index layout), and the SentencePiece tokenizer of examples/stories260K (512 pieces; a larger
+The folder holds `config.json` (LlamaForCausalLM, Qwen2ForCausalLM or MixtralForCausalLM, whose feed-forward is
+`experts` SwiGLU experts of `intermediate` each, `experts_used` of them per token), `generation_config.json`, the
+weights as `model.safetensors` or `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` (Hugging
+Face's names and index layout), and the SentencePiece tokenizer of examples/stories260K (512 pieces; a larger
 `vocab_size` is padded by converters with [PAD] tokens, as llama.cpp does).
 
 Weights are normal with std 0.02, norms 1 + 0.02 * normal, biases std 0.02. For speed (normal sampling runs at
@@ -43,10 +44,11 @@ CHUNK = 1 << 22  # values generated per task
 TABLE = 1 << 16  # normal samples per tensor that its values are drawn from (indexed by 16 random bits)
 DTYPES = {"bf16": ("BF16", 2), "f16": ("F16", 2), "f32": ("F32", 4)}
 TORCH_DTYPE = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
-ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+         "mixtral": ("MixtralForCausalLM", "mixtral")}
 DEFAULTS = dict(hidden=2048, layers=12, heads=32, kv_heads=4, intermediate=5632, vocab=32000, dtype="bf16",
                 shards=1, seed=0, arch="llama", tie_embeddings=False, head_dim=None, max_position=2048,
-                threads=None)
+                threads=None, experts=8, experts_used=2)
 
 
 def tensor_specs(p: dict) -> list[tuple[str, tuple[int, ...], str]]:
@@ -65,11 +67,19 @@ def tensor_specs(p: dict) -> list[tuple[str, tuple[int, ...], str]]:
         specs.append((pre + "self_attn.v_proj.weight", (kv_out, h), "weight"))
         if p["arch"] == "qwen2":
             specs.append((pre + "self_attn.v_proj.bias", (kv_out,), "bias"))
-        specs += [(pre + "self_attn.o_proj.weight", (h, q_out), "weight"),
-                  (pre + "mlp.gate_proj.weight", (p["intermediate"], h), "weight"),
-                  (pre + "mlp.up_proj.weight", (p["intermediate"], h), "weight"),
-                  (pre + "mlp.down_proj.weight", (h, p["intermediate"]), "weight"),
-                  (pre + "input_layernorm.weight", (h,), "norm"),
+        specs.append((pre + "self_attn.o_proj.weight", (h, q_out), "weight"))
+        ff = p["intermediate"]
+        if p["arch"] == "mixtral":  # the router, then each expert's w1 (gate), w2 (down), w3 (up)
+            specs.append((pre + "block_sparse_moe.gate.weight", (p["experts"], h), "weight"))
+            for e in range(p["experts"]):
+                x = f"{pre}block_sparse_moe.experts.{e}."
+                specs += [(x + "w1.weight", (ff, h), "weight"), (x + "w2.weight", (h, ff), "weight"),
+                          (x + "w3.weight", (ff, h), "weight")]
+        else:
+            specs += [(pre + "mlp.gate_proj.weight", (ff, h), "weight"),
+                      (pre + "mlp.up_proj.weight", (ff, h), "weight"),
+                      (pre + "mlp.down_proj.weight", (h, ff), "weight")]
+        specs += [(pre + "input_layernorm.weight", (h,), "norm"),
                   (pre + "post_attention_layernorm.weight", (h,), "norm")]
     specs.append(("model.norm.weight", (h,), "norm"))
     if not p["tie_embeddings"]:
@@ -102,6 +112,10 @@ def config_json(p: dict) -> dict:
     if p["arch"] == "llama":
         cfg.update({"rms_norm_eps": 1e-05, "rope_theta": 10000.0, "rope_scaling": None, "attention_bias": False,
                     "mlp_bias": False, "pretraining_tp": 1})
+    elif p["arch"] == "mixtral":
+        cfg.update({"rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "rope_scaling": None, "sliding_window": None,
+                    "num_local_experts": p["experts"], "num_experts_per_tok": p["experts_used"],
+                    "router_aux_loss_coef": 0.02, "output_router_logits": False})
     else:
         cfg.update({"rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "rope_scaling": None,
                     "use_sliding_window": False, "sliding_window": None, "max_window_layers": p["layers"]})
@@ -194,6 +208,8 @@ def make_checkpoint(out_dir: str | os.PathLike, **params) -> Path:
         raise ValueError("heads must be a multiple of kv_heads")
     if p["head_dim"] % 2:
         raise ValueError("head_dim must be even (RoPE)")
+    if p["arch"] == "mixtral" and not 1 <= p["experts_used"] <= p["experts"]:
+        raise ValueError("experts_used must be between 1 and experts")
     if p["vocab"] < N_PIECES:
         raise ValueError(f"vocab must be at least {N_PIECES}, the tokenizer's size")
 
@@ -255,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=DEFAULTS["shards"])
     ap.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     ap.add_argument("--arch", choices=list(ARCHS), default=DEFAULTS["arch"])
+    ap.add_argument("--experts", type=int, default=DEFAULTS["experts"], help="mixtral: experts per layer")
+    ap.add_argument("--experts-used", type=int, default=DEFAULTS["experts_used"], help="mixtral: experts per token")
     ap.add_argument("--tie-embeddings", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="generator threads (default: cores, at most 8)")
     a = ap.parse_args(argv)

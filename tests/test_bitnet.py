@@ -8,16 +8,14 @@ computes SiLU whatever the config says (qtool refuses another activation)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import assert_same_metadata, qtool
-from llama_oracle import need_llama_cpp
+from arch_oracle import l2, llama_cpp_logits, qtool_logits, rel, save_checkpoint, transformers_logits
 
-REPO = Path(__file__).resolve().parent.parent
 VOCAB = 512  # the stories260K SentencePiece tokenizer's pieces
 IDS = [1] + list(np.random.default_rng(0).integers(3, VOCAB, 47))
 C = 2.0 ** -5  # every projection weight is ±C (256-wide rows: TQ1_0 and TQ2_0 blocks)
@@ -28,7 +26,6 @@ def _bitnet(folder: Path, ternary: bool, rename_sub_norms: bool = False) -> Path
     spells the sub-norms as the 1bitLLM checkpoints do (the only names llama.cpp's converter maps)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from safetensors.torch import save_file
     cfg = transformers.BitNetConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, hidden_act="silu",
                                     max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
@@ -36,25 +33,19 @@ def _bitnet(folder: Path, ternary: bool, rename_sub_norms: bool = False) -> Path
     cfg.architectures = ["BitNetForCausalLM"]
     torch.manual_seed(0)
     model = transformers.BitNetForCausalLM(cfg).float()
-    state = {}
-    for name, p in model.state_dict().items():
+
+    def value(name, p):
         if name == "lm_head.weight":
-            continue  # tied
+            return None  # tied
         if p.ndim == 1:
-            p = 1 + 0.2 * torch.randn_like(p)  # norms
-        elif "proj" in name:
-            p = (C * torch.sign(torch.randn_like(p)) if ternary else 0.05 * torch.randn_like(p))
-        else:
-            p = 0.5 * torch.randn_like(p)  # the embedding
-        if rename_sub_norms:
-            name = name.replace("attn_sub_norm", "inner_attn_ln").replace("ffn_sub_norm", "ffn_layernorm")
-        state[name] = p.contiguous()
-    folder.mkdir(parents=True)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg.save_pretrained(folder)
-    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(REPO / "examples" / "stories260K" / f, folder / f)
-    return folder
+            return 1 + 0.2 * torch.randn_like(p)  # norms
+        if "proj" in name:
+            return C * torch.sign(torch.randn_like(p)) if ternary else 0.05 * torch.randn_like(p)
+        return 0.5 * torch.randn_like(p)  # the embedding
+
+    def rename(name):  # the 1bitLLM checkpoints' names of the sub-norms
+        return name.replace("attn_sub_norm", "inner_attn_ln").replace("ffn_sub_norm", "ffn_layernorm")
+    return save_checkpoint(model, folder, value, rename if rename_sub_norms else (lambda n: n))
 
 
 @pytest.fixture(scope="module")
@@ -71,39 +62,11 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(files):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(files[0], dtype=torch.float32)
-    with torch.no_grad():
-        return hf(torch.tensor([IDS])).logits[0].numpy()
+    return transformers_logits(files[0], IDS)
 
 
-def _llama_cpp_logits(path: Path) -> np.ndarray:
-    llama_cpp = need_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)  # F32 KV cache
-    llm.eval(IDS)
-    return np.array(llm.scores[:len(IDS)])
 
 
-def _qtool_logits(path: Path) -> np.ndarray:
-    from qtool.model import Model
-    m = Model(path, n_ctx=64, kv_type="f32")
-    try:
-        return m.eval(IDS, all_logits=True)
-    finally:
-        m.close()
-
-
-def _rel(got: np.ndarray, want: np.ndarray) -> float:
-    """test_archs' measure: the largest error relative to the largest logit."""
-    assert want.std() > 0
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def _l2(got: np.ndarray, want: np.ndarray) -> float:
-    """test_runner_quant's measure for quantized files: relative L2 error over all positions."""
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 # test_runner_quant's bounds: both sides round activations to the weight's dot-product type, so summation order
@@ -136,17 +99,17 @@ def test_tensors_and_metadata_are_llama_cpps(files, tmp_path, llama_convert):
 @pytest.mark.parametrize("type_name", ["F32", "F16"])
 def test_llama_cpp_logits_equal_transformers(files, reference, type_name):
     tol = {"F32": 1e-4, "F16": 2e-3}[type_name]  # F16 rounds the embedding and norms (measured 3.4e-4), not ±2^-5
-    assert _rel(_llama_cpp_logits(files[1][type_name]), reference) < tol
+    assert rel(llama_cpp_logits(files[1][type_name], IDS), reference) < tol
 
 
 @pytest.mark.parametrize("type_name", ["F32", "F16", "TQ1_0", "TQ2_0"])
 def test_runner_logits_equal_llama_cpps(files, reference, type_name):
-    got, want = _qtool_logits(files[1][type_name]), _llama_cpp_logits(files[1][type_name])
-    err = _rel(got, want) if type_name == "F32" else _l2(got, want)
+    got, want = qtool_logits(files[1][type_name], IDS)[0], llama_cpp_logits(files[1][type_name], IDS)
+    err = rel(got, want) if type_name == "F32" else l2(got, want)
     assert err < RUNNER_BOUND[type_name], err
     assert np.mean(got.argmax(axis=1) == want.argmax(axis=1)) >= 0.97
     if type_name == "F32":
-        assert _rel(got, reference) < 1e-4
+        assert rel(got, reference) < 1e-4
 
 
 def test_ternary_files_hold_the_projections_exactly(files):
@@ -191,9 +154,9 @@ def test_per_tensor_scales_multiply_the_products(files, tmp_path):
         writer.open()
         for name, a in tensors.items():
             writer.write_tensor(name, a)
-    want = _llama_cpp_logits(files[1]["F32"])
-    assert _rel(_llama_cpp_logits(out), want) < 1e-4
-    assert _rel(_qtool_logits(out), want) < 1e-4
+    want = llama_cpp_logits(files[1]["F32"], IDS)
+    assert rel(llama_cpp_logits(out, IDS), want) < 1e-4
+    assert rel(qtool_logits(out, IDS)[0], want) < 1e-4
 
 
 def test_other_activations_are_refused(tmp_path):

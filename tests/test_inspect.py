@@ -32,6 +32,9 @@ def test_gguf_summary_layers_and_tensors_agree_with_gguf_py(converted):
     assert r["tensor_bytes"] == sum(row["bytes"] for row in r["layers"]) == sum(t.n_bytes for t in ref.tensors)
     assert r["parameters"] == 260_032
     assert r["types"] == {"F16": 5, "F32": 11, "Q8_0": 31}
+    # a dense model: no experts, and a token reads every tensor (MoE files: tests/test_moe.py)
+    assert r["expert_count"] == 0 and all(row["experts"] == 0 for row in r["layers"])
+    assert (r["active_parameters"], r["bytes_per_token"]) == (r["parameters"], r["tensor_bytes"])
     tokens = r["metadata"]["tokenizer.ggml.tokens"]
     assert tokens["type"] == "ARRAY[STRING]" and len(tokens["value"]) == 512  # --json --meta: nothing cut
 

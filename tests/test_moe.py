@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLE_EVAL, assert_same_metadata, qtool_here
+from arch_oracle import l2, llama_cpp_logits, qtool_logits, rel, transformers_logits
 from llama_oracle import need_llama_cpp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,50 +72,18 @@ def _checkpoint(folder: Path, kind: str) -> tuple[Path, list[int], str | None]:
 @pytest.fixture(scope="module", params=CHECKPOINTS)
 def moe(request, tmp_path_factory):
     """{kind, src, ids, pre, files: {type: qtool's GGUF}, reference: transformers' logits}."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     tmp = tmp_path_factory.mktemp(request.param)
     src, ids, pre = _checkpoint(tmp / "ckpt", request.param)
     files = {}
     for t in ("F32", "Q4_K_M"):
         files[t] = tmp / f"m.{t}.gguf"
         qtool_here("convert", src, "-o", files[t], "--type", t, "--quiet", check=True)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():
-        reference = hf(torch.tensor([ids])).logits[0].numpy()
+    reference = transformers_logits(src, ids)
     return dict(kind=request.param, src=src, ids=ids, pre=pre, files=files, reference=reference)
 
 
-def _llama_cpp_logits(path: Path, ids: list[int], one_at_a_time: bool = False) -> np.ndarray:
-    llama_cpp = need_llama_cpp()
-    batch = dict(n_batch=1, n_ubatch=1) if one_at_a_time else {}
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=2, logits_all=True, verbose=False,
-                          type_k=0, type_v=0, **batch)  # F32 KV cache
-    llm.eval(ids)
-    return np.array(llm.scores[:len(ids)])
 
 
-def _qtool_logits(path: Path, ids: list[int], decoded: int) -> tuple[np.ndarray, np.ndarray]:
-    """The prompt's logits as one batch, and the first `decoded` tokens' one at a time (the decode kernels)."""
-    from qtool.model import Model
-    m = Model(path, n_ctx=N_CTX, kv_type="f32")
-    try:
-        batch = m.eval(ids, all_logits=True)
-        m.reset()
-        return batch, np.stack([m.eval(ids[i:i + 1]) for i in range(decoded)])
-    finally:
-        m.close()
-
-
-def _rel(got: np.ndarray, want: np.ndarray) -> float:
-    """test_archs' measure: the largest error relative to the largest logit."""
-    assert want.std() > 0
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def _l2(got: np.ndarray, want: np.ndarray) -> float:
-    """test_runner_quant's measure for quantized files: relative L2 error over all positions."""
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def test_tensors_and_metadata_are_llama_cpps(moe, llama_convert):
@@ -167,7 +136,7 @@ def test_requantizing_equals_llama_quantize(moe, tmp_path):
 
 
 def test_llama_cpp_logits_equal_transformers(moe):
-    assert _rel(_llama_cpp_logits(moe["files"]["F32"], moe["ids"]), moe["reference"]) < 1e-4
+    assert rel(llama_cpp_logits(moe["files"]["F32"], moe["ids"]), moe["reference"]) < 1e-4
 
 
 # F32 is test_archs' bound (measured 1.4e-6). Q4_K_M: one token at a time both sides take the same integer dot
@@ -183,15 +152,15 @@ DECODE_BOUND = 1e-5
 def test_runner_logits_equal_llama_cpps(moe, type_name):
     ids = moe["ids"]
     path = moe["files"][type_name]
-    (got, decoded), want = _qtool_logits(path, ids, 12), _llama_cpp_logits(path, ids)
+    (got, decoded), want = qtool_logits(path, ids, 12), llama_cpp_logits(path, ids)
     if type_name == "F32":
-        assert _rel(got, want) < RUNNER_BOUND[type_name]
-        assert _rel(decoded, want[:12]) < RUNNER_BOUND[type_name]
-        assert _rel(got, moe["reference"]) < 1e-4
+        assert rel(got, want) < RUNNER_BOUND[type_name]
+        assert rel(decoded, want[:12]) < RUNNER_BOUND[type_name]
+        assert rel(got, moe["reference"]) < 1e-4
     else:
-        assert _l2(got[:1], want[:1]) < DECODE_BOUND  # the products alone: position 0 attends only to itself
-        assert _l2(got, want) < RUNNER_BOUND[type_name]
-        assert _l2(decoded, _llama_cpp_logits(path, ids[:12], one_at_a_time=True)) < DECODE_BOUND
+        assert l2(got[:1], want[:1]) < DECODE_BOUND  # the products alone: position 0 attends only to itself
+        assert l2(got, want) < RUNNER_BOUND[type_name]
+        assert l2(decoded, llama_cpp_logits(path, ids[:12], one_at_a_time=True)) < DECODE_BOUND
     assert np.mean(got.argmax(axis=1) == want.argmax(axis=1)) >= 0.97
 
 
@@ -207,17 +176,27 @@ def _llama_imatrix() -> Path | None:
     return None
 
 
-def test_imatrix_has_llama_imatrixs_expert_entries(moe, tmp_path):
+IMATRIX_ARGS = ("--ctx", 32, "--chunks", 3)
+CALIBRATE_ARGS = ("--calibrate", EXAMPLE_EVAL, "--calibrate-ctx", 32, "--calibrate-chunks", 3)
+
+
+@pytest.fixture(scope="module")
+def moe_imatrix(moe, tmp_path_factory) -> Path:
+    """`qtool imatrix` on the F32 file, 3 chunks of 32 tokens of the bundled evaluation text."""
+    out = tmp_path_factory.mktemp("imatrix") / "q.imatrix.gguf"
+    qtool_here("imatrix", moe["files"]["F32"], "--text", EXAMPLE_EVAL, "-o", out, *IMATRIX_ARGS, "--quiet",
+               check=True)
+    return out
+
+
+def test_imatrix_has_llama_imatrixs_expert_entries(moe, moe_imatrix, tmp_path):
     """`qtool imatrix` on the F32 file: every expert tensor an (n_expert, cols) entry with per-expert counts, as
     llama-imatrix's MUL_MAT_ID statistics (entries and counts exactly, Σx² within 1e-3: attention through each
     side's F16 KV cache), and --calibrate's layer-by-layer matrix from the checkpoint equals it exactly."""
     from qtool import calibrate
     from qtool.formats.imatrix import read_imatrix
-    ours = tmp_path / "q.imatrix.gguf"
     text = EXAMPLE_EVAL.read_text()
-    qtool_here("imatrix", moe["files"]["F32"], "--text", EXAMPLE_EVAL, "-o", ours, "--ctx", 32, "--chunks", 3,
-               "--quiet", check=True)
-    got = read_imatrix(ours)
+    got = read_imatrix(moe_imatrix)
     names = sorted(got.entries)
     assert len(names) == 2 * 8  # per layer: q, k, v, output, the router, the three expert tensors
     for i in range(2):
@@ -241,6 +220,68 @@ def test_imatrix_has_llama_imatrixs_expert_entries(moe, tmp_path):
     for name, e in ref.entries.items():
         np.testing.assert_array_equal(got.entries[name].counts, e.counts, err_msg=name)
         assert np.abs(got.entries[name].in_sum2 - e.in_sum2).max() <= 1e-3 * np.abs(e.in_sum2).max(), name
+
+
+def _llama_quantize_with(src: Path, out: Path, type_name: str, imatrix: Path) -> None:
+    """llama-quantize --imatrix: llama_model_quantize given each entry's in_sum2 / counts."""
+    import ctypes
+    from test_quantize_files import _imatrix_param
+    from qtool.formats.constants import FILE_TYPES
+    llama_cpp = need_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = int(FILE_TYPES[type_name]), 2
+    keep = _imatrix_param(llama_cpp, params, imatrix)  # noqa: F841 (the buffers must outlive the call)
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+
+
+def test_imatrix_quantization_equals_llama_quantize(moe, moe_imatrix, tmp_path):
+    """`convert --imatrix` on the F32 file: llama.cpp's quantizer given the same importance (each expert's rows of
+    a stacked tensor quantized with that expert's row of the entry) writes the same file, but the
+    quantize.imatrix.* keys, which the llama-quantize tool adds. Q4_K_M on both checkpoints, and on Mixtral IQ2_XXS
+    (refused without an imatrix: the lattice quantizers; ~2 s for both sides, so once). The expert tensors differ from the
+    file without an imatrix, so the weights were used; --calibrate from the checkpoint gives the same tensors as
+    --imatrix with the matrix of its F32 file."""
+    from test_quantize_files import assert_same_file
+    from qtool.formats.gguf_reader import GGUFFile
+    experts = [f"blk.{i}.ffn_{k}_exps.weight" for i in range(2) for k in ("gate", "up", "down")]
+    main_type = {"Q4_K_M": "Q4_K", "IQ2_XXS": "IQ2_XXS"}  # what the recipe gives the gate and up experts
+    for type_name in ["Q4_K_M"] + (["IQ2_XXS"] if moe["kind"] == "mixtral" else []):
+        theirs, ours = tmp_path / f"llama.{type_name}.gguf", tmp_path / f"ours.{type_name}.gguf"
+        _llama_quantize_with(moe["files"]["F32"], theirs, type_name, moe_imatrix)
+        qtool_here("convert", moe["files"]["F32"], "-o", ours, "--type", type_name, "--imatrix", moe_imatrix,
+                   "--quiet", check=True)
+        assert_same_file(ours, theirs, skip_keys=("quantize.imatrix.",))
+        with GGUFFile(ours) as a:
+            assert a.tensors["blk.0.ffn_up_exps.weight"].ggml_type.name == main_type[type_name]
+    with GGUFFile(tmp_path / "ours.Q4_K_M.gguf") as a, GGUFFile(moe["files"]["Q4_K_M"]) as plain:
+        assert all(not np.array_equal(a.raw(n), plain.raw(n)) for n in experts)
+    calibrated = tmp_path / "calibrated.gguf"
+    qtool_here("convert", moe["src"], "-o", calibrated, "--type", "Q4_K_M", *CALIBRATE_ARGS, "--quiet", check=True)
+    with GGUFFile(calibrated) as c, GGUFFile(tmp_path / "ours.Q4_K_M.gguf") as a:
+        assert set(c.tensors) == set(a.tensors)  # in the checkpoint's order, not llama-quantize's
+        for name, t in a.tensors.items():
+            assert c.tensors[name].ggml_type == t.ggml_type and np.array_equal(c.raw(name), a.raw(name)), name
+
+
+def test_inspect_shows_experts_and_the_bytes_a_token_reads(moe):
+    """`qtool inspect` on the Q4_K_M file: experts per layer and used per token, and what one token's forward pass
+    reads: every tensor whole but each expert tensor's N_USED of N_EXPERT experts (sizes from gguf-py)."""
+    import gguf
+    path = moe["files"]["Q4_K_M"]
+    r = json.loads(qtool_here("inspect", path, "--json", check=True).stdout)
+    ref = gguf.GGUFReader(path)
+    experts = [t for t in ref.tensors if "_exps." in t.name]
+    assert len(experts) == 2 * 3
+    dense = sum(int(t.n_bytes) for t in ref.tensors if t not in experts)
+    assert (r["expert_count"], r["expert_used_count"]) == (N_EXPERT, N_USED)
+    assert r["bytes_per_token"] == dense + sum(int(t.n_bytes) * N_USED // N_EXPERT for t in experts)
+    assert r["tensor_bytes"] - r["bytes_per_token"] == sum(int(t.n_bytes) for t in experts) // 2  # half the experts
+    assert r["active_parameters"] == r["parameters"] - sum(int(t.n_elements) for t in experts) // 2
+    assert {row["layer"]: row["experts"] for row in r["layers"]} == {
+        row["layer"]: N_EXPERT if row["layer"].isdigit() else 0 for row in r["layers"]}
+    text = qtool_here("inspect", path, check=True).stdout
+    assert f"{N_EXPERT} per layer, {N_USED} used per token" in text
+    assert f"{r['bytes_per_token'] / 1e6:,.2f} MB read, {r['active_parameters']:,} parameters" in text
 
 
 def _edited(src: Path, tmp_path: Path, **changes) -> Path:

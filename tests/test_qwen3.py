@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_metadata, qtool_here
+from arch_oracle import l2, llama_cpp_logits, qtool_logits, rel, save_checkpoint, transformers_logits
 from llama_oracle import need_llama_cpp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +27,6 @@ def _qwen3(folder: Path) -> Path:
     tokenizer."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from safetensors.torch import save_file
     cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=HEADS, num_key_value_heads=2, head_dim=HEAD_DIM,
                                    max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
@@ -34,23 +34,14 @@ def _qwen3(folder: Path) -> Path:
     cfg.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(cfg).float()
-    state = {}
-    for name, p in model.state_dict().items():
+
+    def value(name, p):
         if name == "lm_head.weight":
-            continue  # tied
+            return None  # tied
         if p.ndim == 1:
-            p = 1 + 0.2 * torch.randn_like(p)  # norms, the q/k norms among them
-        elif "proj" in name:
-            p = 0.05 * torch.randn_like(p)
-        else:
-            p = 0.5 * torch.randn_like(p)  # the embedding
-        state[name] = p.contiguous()
-    folder.mkdir(parents=True)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg.save_pretrained(folder)
-    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(REPO / "examples" / "stories260K" / f, folder / f)
-    return folder
+            return 1 + 0.2 * torch.randn_like(p)  # norms, the q/k norms among them
+        return (0.05 if "proj" in name else 0.5) * torch.randn_like(p)  # projections; the embedding
+    return save_checkpoint(model, folder, value)
 
 
 @pytest.fixture(scope="module")
@@ -67,42 +58,11 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(files):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(files[0], dtype=torch.float32)
-    with torch.no_grad():
-        return hf(torch.tensor([IDS])).logits[0].numpy()
+    return transformers_logits(files[0], IDS)
 
 
-def _llama_cpp_logits(path: Path) -> np.ndarray:
-    llama_cpp = need_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)  # F32 KV cache
-    llm.eval(IDS)
-    return np.array(llm.scores[:len(IDS)])
 
 
-def _qtool_logits(path: Path, decoded: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The prompt's logits as one batch, and the first `decoded` tokens' one at a time (the decode kernels)."""
-    from qtool.model import Model
-    m = Model(path, n_ctx=64, kv_type="f32")
-    try:
-        batch = m.eval(IDS, all_logits=True)
-        m.reset()
-        return batch, np.stack([m.eval(IDS[i:i + 1]) for i in range(decoded)]) if decoded else batch[:0]
-    finally:
-        m.close()
-
-
-def _rel(got: np.ndarray, want: np.ndarray) -> float:
-    """test_archs' measure: the largest error relative to the largest logit."""
-    assert want.std() > 0
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def _l2(got: np.ndarray, want: np.ndarray) -> float:
-    """test_runner_quant's measure for quantized files: relative L2 error over all positions."""
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def test_tensors_and_metadata_are_llama_cpps(files, llama_convert):
@@ -156,7 +116,7 @@ def test_requantizing_equals_llama_quantize(files, tmp_path):
 
 
 def test_llama_cpp_logits_equal_transformers(files, reference):
-    assert _rel(_llama_cpp_logits(files[1]["F32"]), reference) < 1e-4
+    assert rel(llama_cpp_logits(files[1]["F32"], IDS), reference) < 1e-4
 
 
 # F32 is test_archs' bound. Quantized: both sides round activations to the weight's dot-product type (Q8_K for
@@ -169,15 +129,15 @@ RUNNER_BOUND = {"F32": 1e-4, "Q4_K_M": 2e-2}
 
 @pytest.mark.parametrize("type_name", ["F32", "Q4_K_M"])
 def test_runner_logits_equal_llama_cpps(files, reference, type_name):
-    (got, decoded), want = _qtool_logits(files[1][type_name], decoded=12), _llama_cpp_logits(files[1][type_name])
+    (got, decoded), want = qtool_logits(files[1][type_name], IDS, decoded=12), llama_cpp_logits(files[1][type_name], IDS)
     if type_name == "F32":
-        assert _rel(got, want) < RUNNER_BOUND[type_name]
-        assert _rel(decoded, want[:12]) < RUNNER_BOUND[type_name]
-        assert _rel(got, reference) < 1e-4
+        assert rel(got, want) < RUNNER_BOUND[type_name]
+        assert rel(decoded, want[:12]) < RUNNER_BOUND[type_name]
+        assert rel(got, reference) < 1e-4
     else:
-        assert _l2(got[:1], want[:1]) < 1e-5  # the products alone: position 0 attends only to itself
-        assert _l2(got, want) < RUNNER_BOUND[type_name]
-        assert _l2(decoded, want[:12]) < RUNNER_BOUND[type_name]
+        assert l2(got[:1], want[:1]) < 1e-5  # the products alone: position 0 attends only to itself
+        assert l2(got, want) < RUNNER_BOUND[type_name]
+        assert l2(decoded, want[:12]) < RUNNER_BOUND[type_name]
     assert np.mean(got.argmax(axis=1) == want.argmax(axis=1)) >= 0.97
 
 
