@@ -19,8 +19,10 @@ LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 install-dev:  ## plus the test tools and the reference oracles (llama.cpp built from source, torch CPU, transformers)
 	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[test,reference]'
 
+# one pytest worker per core, a test file to a worker (its module fixtures built once): on a fresh machine most
+# of the suite's time is numba compiling kernels, which runs on one core per process (2 cores, AVX2: 29 -> 13 min)
 test: install-dev
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n auto --dist loadfile tests
 
 demo: install
 	@mkdir -p $(OUT)

@@ -248,9 +248,11 @@ class Keys:
     class Rope:
         DIMENSION_COUNT = "{arch}.rope.dimension_count"
         FREQ_BASE = "{arch}.rope.freq_base"
+        FREQ_BASE_SWA = "{arch}.rope.freq_base_swa"  # the sliding-window layers' base (gemma3)
         SCALING_TYPE = "{arch}.rope.scaling.type"
         SCALING_FACTOR = "{arch}.rope.scaling.factor"
         SCALING_ORIG_CTX_LEN = "{arch}.rope.scaling.original_context_length"
+        SCALING_ATTN_FACTOR = "{arch}.rope.scaling.attn_factor"  # LongRoPE's magnitude correction (phi3)
 
     class Tokenizer:
         MODEL = "tokenizer.ggml.model"
@@ -282,6 +284,12 @@ class Keys:
         IMATRIX_DATASET = "quantize.imatrix.dataset"
         IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
         IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
+        # qtool's own, for the methods llama-quantize has no key for (qtool/gptq.py)
+        QTOOL_METHOD = "quantize.qtool.method"
+        QTOOL_CALIBRATION = "quantize.qtool.calibration_text"
+        QTOOL_CHUNKS = "quantize.qtool.chunks_count"
+        QTOOL_CHUNK_SIZE = "quantize.qtool.chunk_size"
+        QTOOL_GPTQ_DAMP = "quantize.qtool.gptq.damp"
 
     class IMatrix:  # keys of a GGUF imatrix file (llama-imatrix --output-format gguf)
         CHUNK_COUNT = "imatrix.chunk_count"
@@ -329,6 +337,9 @@ class ModelTensor(IntEnum):
     ATTN_K_NORM = auto()  # qwen3: RMSNorm of each key head, before RoPE
     ATTN_POST_NORM = auto()  # gemma2: RMSNorm of the attention output, before the residual add
     FFN_POST_NORM = auto()  # gemma2: RMSNorm of the feed-forward output, before the residual add
+    ROPE_FACTORS_LONG = auto()  # phi3 LongRoPE: per-frequency divisors beyond the original context
+    ROPE_FACTORS_SHORT = auto()  # and within it
+    ATTN_QKV = auto()  # phi3: Q, K and V rows in one matrix
 
 
 TENSOR_NAMES: dict[ModelTensor, str] = {
@@ -340,6 +351,7 @@ TENSOR_NAMES: dict[ModelTensor, str] = {
     ModelTensor.ATTN_Q: "blk.{bid}.attn_q",
     ModelTensor.ATTN_K: "blk.{bid}.attn_k",
     ModelTensor.ATTN_V: "blk.{bid}.attn_v",
+    ModelTensor.ATTN_QKV: "blk.{bid}.attn_qkv",
     ModelTensor.ATTN_OUT: "blk.{bid}.attn_output",
     ModelTensor.FFN_NORM: "blk.{bid}.ffn_norm",
     ModelTensor.FFN_GATE: "blk.{bid}.ffn_gate",
@@ -355,6 +367,8 @@ TENSOR_NAMES: dict[ModelTensor, str] = {
     ModelTensor.ATTN_K_NORM: "blk.{bid}.attn_k_norm",
     ModelTensor.ATTN_POST_NORM: "blk.{bid}.post_attention_norm",
     ModelTensor.FFN_POST_NORM: "blk.{bid}.post_ffw_norm",
+    ModelTensor.ROPE_FACTORS_LONG: "rope_factors_long",
+    ModelTensor.ROPE_FACTORS_SHORT: "rope_factors_short",
 }
 
 

@@ -135,9 +135,10 @@ def _check_tokenizer_config(tc: dict, path: Path) -> None:
     _check_chat_template(tc.get("chat_template"), path)
 
 
-def tokenizer_metadata(folder: Path, config: dict, space_prefix: bool = False) -> TokenizerMeta:
+def tokenizer_metadata(folder: Path, config: dict, space_prefix: bool = False, vocab: str = "llama") -> TokenizerMeta:
     """The tokenizer entries in convert_hf_to_gguf.py's order. `space_prefix`: write tokenizer_config.json's
-    add_prefix_space as tokenizer.ggml.add_space_prefix first, as llama.cpp's LlamaModel does."""
+    add_prefix_space as tokenizer.ggml.add_space_prefix first, as llama.cpp's LlamaModel does. `vocab` "phi3":
+    a SentencePiece vocabulary's added tokens as Phi3MiniModel.set_vocab writes them."""
     folder = Path(folder)
     tok_cfg = _read_json(folder / "tokenizer_config.json")
     _check_tokenizer_config(tok_cfg, folder / "tokenizer_config.json")
@@ -148,7 +149,8 @@ def tokenizer_metadata(folder: Path, config: dict, space_prefix: bool = False) -
         meta.add(KT.ADD_PREFIX, bool(tok_cfg["add_prefix_space"]), ValueType.BOOL)
     if _present(folder / "tokenizer.model"):
         os.close(open_regular(folder / "tokenizer.model"))
-        tokens = _sentencepiece(folder / "tokenizer.model", config, tok_cfg, meta)
+        added = _phi3_added(folder, tok_cfg, tok_json) if vocab == "phi3" else None
+        tokens = _sentencepiece(folder / "tokenizer.model", config, tok_cfg, meta, added)
         n_vocab: int | None = len(tokens)
     elif tok_json.get("model", {}).get("type") == "BPE":
         _byte_level_bpe(tok_json, config, tok_cfg, meta)
@@ -159,7 +161,25 @@ def tokenizer_metadata(folder: Path, config: dict, space_prefix: bool = False) -
     return meta
 
 
-def _sentencepiece(path: Path, config: dict, tok_cfg: dict, meta: TokenizerMeta) -> list[str]:
+PHI3_ADDED = tuple[int, str, TokenType, bool]  # id, text, type, whether an id beyond the vocabulary is skipped
+
+
+def _phi3_added(folder: Path, tok_cfg: dict, tok_json: dict) -> list[PHI3_ADDED]:
+    """Phi3MiniModel's added tokens in the order it applies them: added_tokens.json's (user-defined; ids beyond
+    the vocabulary skipped), then tokenizer_config.json's added_tokens_decoder and tokenizer.json's added_tokens
+    (control if special, else user-defined; an id beyond the vocabulary fails its converter). Each replaces the
+    piece, scored -1000."""
+    path = folder / "added_tokens.json"
+    extra = _read_json(path)
+    _require(all(_is_id(v) for v in extra.values()), path, "the file", f"an object of token → id (0 to {MAX_TOKEN_ID})")
+    kind = lambda tok: TokenType.CONTROL if tok.get("special") else TokenType.USER_DEFINED  # noqa: E731
+    return ([(i, text, TokenType.USER_DEFINED, True) for text, i in extra.items()]
+            + [(int(k), t["content"], kind(t), False) for k, t in tok_cfg.get("added_tokens_decoder", {}).items()]
+            + [(t["id"], t["content"], kind(t), False) for t in tok_json.get("added_tokens", [])])
+
+
+def _sentencepiece(path: Path, config: dict, tok_cfg: dict, meta: TokenizerMeta,
+                   phi3_added: list[PHI3_ADDED] | None = None) -> list[str]:
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor()
@@ -178,7 +198,15 @@ def _sentencepiece(path: Path, config: dict, tok_cfg: dict, meta: TokenizerMeta)
         types[i] = (TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
                     else TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i)
                     else TokenType.NORMAL)
-    for key, tok in tok_cfg.get("added_tokens_decoder", {}).items():
+    if phi3_added is not None:
+        for i, text, kind, skip in phi3_added:
+            if i >= n_vocab and skip:
+                continue
+            if i >= n_vocab:
+                raise QtoolError(f"{path.parent}: added token {text!r} has id {i}, beyond the vocabulary of "
+                                 f"{n_vocab} (llama.cpp's phi3 converter fails on it)")
+            tokens[i], scores[i], types[i] = text, -1000.0, kind
+    for key, tok in tok_cfg.get("added_tokens_decoder", {}).items() if phi3_added is None else ():
         i = int(key)
         if i >= n_vocab or i < n_sp and tokens[i] == tok["content"]:
             continue

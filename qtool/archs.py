@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,7 @@ class HParam:
     vtype: ValueType
     hf: tuple[str, ...] = ()
     default: Any = REQUIRED
+    lo: int = 1  # an integer's least value (phi3 writes a sliding window of 0 for none)
 
     def value(self, config: Mapping[str, Any]) -> Any:
         found = _config_value(config, self.hf)
@@ -65,7 +66,7 @@ class HParam:
         name = self.hf[0] if self.hf else self.key
         if self.vtype == F32:
             return _positive_float(v, f"config.json: {name}")
-        return _positive_int(v, f"config.json: {name}")
+        return _positive_int(v, f"config.json: {name}", self.lo)
 
 
 def _positive_int(v: Any, what: str, lo: int = 1) -> int:
@@ -96,6 +97,23 @@ def _config_value(config: Mapping[str, Any], hf_keys: tuple[str, ...]) -> Any:
         if rope.get(k) is not None:
             return rope[k]
     return None
+
+
+def _rope_of(config: Mapping[str, Any], layer_type: str) -> Mapping[str, Any]:
+    """The RoPE parameters of one kind of layer ("full_attention" | "sliding_attention"): transformers 5 nests
+    them per kind in rope_parameters; a flat rope_scaling / rope_parameters is the global layers'."""
+    rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rp, dict):
+        return {}
+    if "full_attention" in rp or "sliding_attention" in rp:
+        return rp.get(layer_type) if isinstance(rp.get(layer_type), dict) else {}
+    return rp if layer_type == "full_attention" else {}
+
+
+def _linear_factor(config: Mapping[str, Any]) -> Any:
+    """The global layers' linear RoPE scaling factor, as TextModel writes one (a "linear" type with a factor)."""
+    full = _rope_of(config, "full_attention")
+    return full.get("factor") if full.get("rope_type", full.get("type")) == "linear" else None
 
 
 def _head_dim(config: Mapping[str, Any]) -> int:
@@ -208,6 +226,18 @@ GEMMA2_HF_TENSORS: dict[str, ModelTensor] = {
     "model.layers.{bid}.pre_feedforward_layernorm": M.FFN_NORM,
     "model.layers.{bid}.post_feedforward_layernorm": M.FFN_POST_NORM,
 }
+# Gemma 3: Gemma 2's names plus Qwen3's per-head q/k norms; its graph reads an lm_head of its own when there is one
+GEMMA3_HF_TENSORS: dict[str, ModelTensor] = {
+    **GEMMA2_HF_TENSORS,
+    "model.layers.{bid}.self_attn.q_norm": M.ATTN_Q_NORM,
+    "model.layers.{bid}.self_attn.k_norm": M.ATTN_K_NORM,
+}
+# Phi-3: Q, K and V in one qkv_proj (llama.cpp's attn_qkv) and gate and up in one gate_up_proj (its ffn_up)
+PHI3_HF_TENSORS: dict[str, ModelTensor] = {
+    **{k: v for k, v in LLAMA_HF_TENSORS.items() if v not in (M.ATTN_Q, M.ATTN_K, M.ATTN_V, M.FFN_GATE, M.FFN_UP)},
+    "model.layers.{bid}.self_attn.qkv_proj": M.ATTN_QKV,
+    "model.layers.{bid}.mlp.gate_up_proj": M.FFN_UP,
+}
 NORMS = frozenset({M.OUTPUT_NORM, M.ATTN_NORM, M.FFN_NORM, M.ATTN_POST_NORM, M.FFN_POST_NORM, M.ATTN_Q_NORM,
                    M.ATTN_K_NORM})
 DENSE_FFN = frozenset({M.FFN_GATE, M.FFN_UP, M.FFN_DOWN})
@@ -240,10 +270,26 @@ class Arch:
     # llama.cpp's query scaling (n_layer, n_embd, n_head, head_dim) → query_pre_attn_scalar, Q times its -1/2
     # power before attention; None: the scores are scaled by 1/sqrt(head_dim)
     query_scalar: Callable[[int, int, int, int], int] | None = None
-    attn_softcap: float = 0.0  # the attention logit soft-cap the graph applies when the file gives none; 0: none
-    final_softcap: float = 0.0  # the same for the output logits
+    # the attention logit soft-cap the graph applies when the file gives none (0: none, the file's if it has one);
+    # None: the graph never caps (a config.json that sets one is refused)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None  # the same for the output logits
     swa_pattern: int = 0  # sliding-window layers: i % pattern < pattern - 1 (llama.cpp's set_swa_pattern); 0: none
-    swa_window: int = 0  # the window when the file gives none
+    swa_window: int = 0  # the window when the file gives none (0: no window without the key, as gemma3)
+    # the windowed layers' RoPE base when the file has no rope.freq_base_swa, and those layers then unscaled
+    # (gemma3's fixed 10000); 0: the global base and scale (gemma2)
+    swa_rope_base: float = 0.0
+    # the config rope types (rope_scaling / rope_parameters) the converter writes and the graph applies, when not
+    # TextModel's (Llama 3's): another is refused
+    rope_types: tuple[str, ...] | None = None
+    # the per-layer weights the graph requires, when not llama's LAYER_TENSORS (phi3's fused attn_qkv); and each
+    # kind's HF shape where it is not HF_SHAPES's (phi3's ffn_up: gate and up rows, 2 × intermediate_size)
+    layer_kinds: tuple[ModelTensor, ...] = ()
+    hf_shapes: Mapping[ModelTensor, tuple[str, ...]] = field(default_factory=dict)
+    fused_gate_up: bool = False  # ffn_up holds the gate's rows then up's (phi3's build_ffn with LLM_FFN_SWIGLU)
+    # how the converter writes a SentencePiece vocabulary: "llama" (LlamaModel's), "phi3" (Phi3MiniModel's: every
+    # added token of added_tokens.json, tokenizer_config.json and tokenizer.json scored -1000, control if special)
+    vocab: str = "llama"
     # the converter's constant tokenizer.ggml.add_space_prefix after the vocabulary (Gemma's False); None: none
     add_space_prefix: bool | None = None
 
@@ -311,6 +357,58 @@ ARCHS: dict[str, Arch] = {a.gguf_name: a for a in (
          activation="gelu", hf_activations=("gelu_pytorch_tanh",), norm_shift=NORMS, embed_scale=True,
          query_scalar=lambda n_layer, n_embd, n_head, head_dim: n_embd // n_head if n_layer == 46 else head_dim,
          attn_softcap=50.0, final_softcap=30.0, swa_pattern=2, swa_window=4096, add_space_prefix=False),
+    # Gemma3Model: TextModel's keys (the global layers' linear RoPE scaling and the windowed layers' base among
+    # them) with Gemma3TextConfig's defaults, then the final soft-cap when config.json sets one, then the window;
+    # no pattern key: llama.cpp's graph makes every 6th layer global. No attention soft-cap (its converter refuses
+    # one); norms, q/k ones too, as 1 + w; an untied lm_head is read
+    Arch("gemma3", ("Gemma3ForCausalLM",),
+         hparams=(
+             HP_LAYERS,
+             HParam(K.LLM.CONTEXT_LENGTH, U32, ("max_position_embeddings",), default=131072),
+             HP_HIDDEN, HP_FF,
+             HParam(K.Attention.HEAD_COUNT, U32, ("num_attention_heads",), default=8),
+             HParam(K.Attention.HEAD_COUNT_KV, U32, ("num_key_value_heads",), default=4),
+             HParam(K.Rope.SCALING_TYPE, ValueType.STRING, default=lambda c: "linear" if _linear_factor(c) else OPTIONAL),
+             HParam(K.Rope.SCALING_FACTOR, F32, default=lambda c: _linear_factor(c) or OPTIONAL),
+             HParam(K.Rope.FREQ_BASE, F32, ("rope_theta",),
+                    default=lambda c: _rope_of(c, "full_attention").get("rope_theta", 1e6)),
+             HParam(K.Rope.FREQ_BASE_SWA, F32, ("rope_local_base_freq",),
+                    default=lambda c: _rope_of(c, "sliding_attention").get("rope_theta", 10000.0)),
+             HParam(K.Attention.LAYERNORM_RMS_EPS, F32, ("rms_norm_eps",), default=1e-6),
+             HParam(K.Attention.KEY_LENGTH, U32, ("head_dim",), default=256),
+             HParam(K.Attention.VALUE_LENGTH, U32, ("head_dim",), default=256),
+             HParam(K.General.FILE_TYPE, U32, default=GIVEN),
+             HParam(K.LLM.FINAL_LOGIT_SOFTCAPPING, F32, ("final_logit_softcapping",), OPTIONAL),
+             HParam(K.Attention.SLIDING_WINDOW, U32, ("sliding_window",), default=4096)),
+         rope_mode="neox", permute_qk=False,
+         tensors=LLAMA_TENSORS - {M.ROPE_FREQS} | {M.ATTN_POST_NORM, M.FFN_POST_NORM, M.ATTN_Q_NORM, M.ATTN_K_NORM},
+         biases=frozenset(), hf_tensors=GEMMA3_HF_TENSORS,
+         sub_norms=(M.ATTN_POST_NORM, M.FFN_POST_NORM, M.ATTN_Q_NORM, M.ATTN_K_NORM),
+         activation="gelu", hf_activations=("gelu_pytorch_tanh",), norm_shift=NORMS, embed_scale=True,
+         query_scalar=lambda n_layer, n_embd, n_head, head_dim: n_embd // n_head if n_layer == 62 else head_dim,
+         final_softcap=0.0, swa_pattern=6, swa_rope_base=10000.0, rope_types=("default", "linear"),
+         add_space_prefix=False),
+    # Phi3MiniModel writes its own keys (none of TextModel's): the original context, RoPE dimensions from
+    # partial_rotary_factor, the sliding window (0 for none; llama.cpp's phi3 graph reads it and disables it);
+    # fused attn_qkv and ffn_up (gate rows, then up rows); the graph scales Q by 1/sqrt(head_dim)
+    Arch("phi3", ("Phi3ForCausalLM",),
+         hparams=(
+             HParam(K.LLM.CONTEXT_LENGTH, U32, ("max_position_embeddings", "n_positions")),
+             HParam(K.Rope.SCALING_ORIG_CTX_LEN, U32, ("original_max_position_embeddings",), default=4096),
+             HP_HIDDEN, HP_FF, HP_LAYERS, HP_HEADS, HP_HEADS_KV,
+             HParam(K.Attention.LAYERNORM_RMS_EPS, F32, ("rms_norm_eps",), default=1e-5),
+             HParam(K.Rope.DIMENSION_COUNT, U32, default=lambda c: int(
+                 (_config_value(c, ("partial_rotary_factor",)) or 1.0) * HP_HIDDEN.number(c)) // HP_HEADS.number(c)),
+             HP_ROPE_BASE,
+             HParam(K.General.FILE_TYPE, U32, default=GIVEN),
+             HParam(K.Attention.SLIDING_WINDOW, U32, ("sliding_window",), default=0, lo=0)),
+         rope_mode="neox", permute_qk=False,
+         tensors=frozenset({M.TOKEN_EMBD, M.OUTPUT_NORM, M.OUTPUT, M.ATTN_NORM, M.ATTN_QKV, M.ATTN_OUT, M.FFN_NORM,
+                            M.FFN_UP, M.FFN_DOWN}),
+         biases=frozenset(), hf_tensors=PHI3_HF_TENSORS,
+         layer_kinds=(M.ATTN_NORM, M.ATTN_QKV, M.ATTN_OUT, M.FFN_NORM, M.FFN_UP, M.FFN_DOWN),
+         hf_shapes={M.FFN_UP: ("ff2", "hidden")}, fused_gate_up=True,
+         query_scalar=lambda n_layer, n_embd, n_head, head_dim: head_dim, rope_types=("default",), vocab="phi3"),
 )}
 BY_HF_CLASS: dict[str, Arch] = {c: a for a in ARCHS.values() for c in a.hf_classes}
 
@@ -374,6 +472,12 @@ def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
             raise QtoolError(f"config.json: query_pre_attn_scalar is {_shown(scalar)}; llama.cpp's "
                              f"{arch.gguf_name} graph scales queries by {want}^-1/2, so the converted file would "
                              "give wrong results")
+    for hf, what, cap in (("attn_logit_softcapping", "attention", arch.attn_softcap),
+                          ("final_logit_softcapping", "output", arch.final_softcap)):
+        if cap is None and config.get(hf) is not None:
+            raise QtoolError(f"config.json: {hf} is {_shown(config[hf])}; llama.cpp's {arch.gguf_name} graph applies "
+                             f"no {what} soft-cap, so the converted file would give wrong results")
+    _check_layer_types(arch, config)
     for hp in arch.hparams:
         if hp.default is GIVEN or hp.value(config) is OPTIONAL:
             continue
@@ -392,7 +496,10 @@ def check_config(arch: Arch, config: Mapping[str, Any]) -> None:
     head_dim = HP_HEAD_DIM.number(config)
     if head_dim % 2:  # RoPE rotates pairs
         raise QtoolError(f"config.json: head size {head_dim} is odd; RoPE needs an even one")
-    _check_rope_scaling(config)
+    if not any(hp.key == K.Attention.KEY_LENGTH for hp in arch.hparams) and head_dim != _head_dim(config):
+        raise QtoolError(f"config.json: head_dim is {head_dim}; llama.cpp's {arch.gguf_name} converter writes none, "
+                         f"so its graph would use hidden_size / num_attention_heads = {_head_dim(config)}")
+    _check_rope_scaling(arch, config)
     _check_experts(arch, config)
 
 
@@ -421,9 +528,34 @@ def _check_experts(arch: Arch, config: Mapping[str, Any]) -> None:
 UNWRITTEN_ROPE_SCALING = ("linear", "yarn", "su", "longrope")  # rope types with keys qtool does not write
 
 
-def _check_rope_scaling(config: Mapping[str, Any]) -> None:
+def _check_layer_types(arch: Arch, config: Mapping[str, Any]) -> None:
+    """Which layers are windowed: llama.cpp's graph derives it from its pattern (the converter writes none), so a
+    config.json whose layer_types (or sliding_window_pattern) say otherwise would run differently."""
+    if not arch.swa_pattern:
+        return
+    p, n_layer = arch.swa_pattern, HP_LAYERS.number(config)
+    want = ["sliding_attention" if i % p < p - 1 else "full_attention" for i in range(n_layer)]
+    types = config.get("layer_types")
+    if types is not None and types != want or config.get("sliding_window_pattern") not in (None, p):
+        raise QtoolError(f"config.json: layer_types (or sliding_window_pattern) are not every {p}th layer global, "
+                         f"the others windowed, the only pattern llama.cpp's {arch.gguf_name} graph runs")
+
+
+def _check_rope_scaling(arch: Arch, config: Mapping[str, Any]) -> None:
     """The fields the converter reads for Llama 3 scaling: factors finite and positive, high above low (the
-    smoothing divides by their difference), the original context a positive integer."""
+    smoothing divides by their difference), the original context a positive integer. An architecture with its
+    own rope types (gemma3's linear on the global layers) takes those and no other."""
+    if arch.rope_types is not None:
+        for layer_type in ("full_attention", "sliding_attention"):
+            rs = _rope_of(config, layer_type)
+            kind = rs.get("rope_type", rs.get("type"))
+            allowed = arch.rope_types if layer_type == "full_attention" else ("default",)
+            if kind is not None and (kind not in allowed or kind == "linear" and rs.get("factor") is None):
+                label = "rope_type" if layer_type == "full_attention" else "the sliding-attention layers' rope_type"
+                raise QtoolError(f"config.json: {label} {_shown(kind)}"
+                                 f"{' without a factor' if kind in allowed else ''} is not supported for "
+                                 f"{arch.gguf_name} (llama.cpp's converter and graph apply {', '.join(allowed)})")
+        return
     rs = config.get("rope_scaling") or config.get("rope_parameters") or {}
     where = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
     kind = rs.get("rope_type", rs.get("type"))
@@ -449,6 +581,7 @@ HF_SHAPES: dict[ModelTensor, tuple[str, ...]] = {
     M.TOKEN_EMBD: ("vocab", "hidden"), M.OUTPUT: ("vocab", "hidden"), M.OUTPUT_NORM: ("hidden",),
     M.ATTN_NORM: ("hidden",), M.FFN_NORM: ("hidden",),
     M.ATTN_Q: ("q", "hidden"), M.ATTN_K: ("kv", "hidden"), M.ATTN_V: ("kv", "hidden"), M.ATTN_OUT: ("hidden", "q"),
+    M.ATTN_QKV: ("qkv", "hidden"),
     M.FFN_GATE: ("ff", "hidden"), M.FFN_UP: ("ff", "hidden"), M.FFN_DOWN: ("hidden", "ff"),
     M.ATTN_SUB_NORM: ("hidden",), M.FFN_SUB_NORM: ("ff",), M.ATTN_POST_NORM: ("hidden",), M.FFN_POST_NORM: ("hidden",),
     M.ATTN_Q_NORM: ("head",), M.ATTN_K_NORM: ("head",),
@@ -470,15 +603,18 @@ def check_tensors(arch: Arch, config: Mapping[str, Any], shapes: Mapping[str, tu
     n_expert = n_experts(config)
     dims = {"hidden": HP_HIDDEN.number(config), "q": n_head * head_dim, "kv": n_kv * head_dim,
             "ff": HP_FF.number(config), "head": head_dim, "experts": n_expert,
+            "qkv": (n_head + 2 * n_kv) * head_dim, "ff2": 2 * HP_FF.number(config),
             "ff_exp": HP_FF_EXP.number(config) if n_expert else 0,
             "vocab": None if config.get("vocab_size") is None else int(config["vocab_size"])}  # checked in check_config
     # how each dimension follows from config.json, for the error
     source = {"hidden": f"hidden_size {dims['hidden']}", "q": f"num_attention_heads {n_head} × head size {head_dim}",
               "kv": f"num_key_value_heads {n_kv} × head size {head_dim}", "ff": f"intermediate_size {dims['ff']}",
+              "qkv": f"(num_attention_heads {n_head} + 2 × num_key_value_heads {n_kv}) × head size {head_dim}",
+              "ff2": f"2 × intermediate_size {dims['ff']}",
               "head": f"head size {head_dim}", "experts": f"{n_expert} experts",
               "ff_exp": f"expert feed-forward size {dims['ff_exp']}"}
     n_layer = HP_LAYERS.number(config)
-    layer_kinds = (MOE_LAYER_TENSORS if n_expert else LAYER_TENSORS) + arch.sub_norms
+    layer_kinds = (MOE_LAYER_TENSORS if n_expert else arch.layer_kinds or LAYER_TENSORS) + arch.sub_norms
     seen: set[tuple[ModelTensor, int | None]] = set()
     experts_seen: set[tuple[ModelTensor, int, int]] = set()
     for name, shape in shapes.items():
@@ -486,7 +622,7 @@ def check_tensors(arch: Arch, config: Mapping[str, Any], shapes: Mapping[str, tu
         if found is None:
             continue
         kind, layer, xid, suffix = found
-        if (layer is None) != (kind not in LAYER_TENSORS + MOE_LAYER_TENSORS + EXPERT_KINDS + arch.sub_norms) \
+        if (layer is None) != (kind not in layer_kinds + LAYER_TENSORS + MOE_LAYER_TENSORS + EXPERT_KINDS) \
                 or layer is not None and layer >= n_layer:
             raise QtoolError(f"tensor {name}: layer {layer} does not exist (config.json: num_hidden_layers "
                              f"{n_layer})")
@@ -499,7 +635,8 @@ def check_tensors(arch: Arch, config: Mapping[str, Any], shapes: Mapping[str, tu
             experts_seen.add((kind, layer, xid))
         if kind in (M.TOKEN_EMBD, M.OUTPUT) and dims["vocab"] is None and len(shape) == 2:
             dims["vocab"] = shape[0]  # no vocab_size: the first embedding decides, the other must agree
-        want = HF_SHAPES[kind] if suffix == "weight" else HF_SHAPES[kind][:1]
+        shape_of = arch.hf_shapes.get(kind, HF_SHAPES[kind])
+        want = shape_of if suffix == "weight" else shape_of[:1]
         expected = [dims[d] for d in want]
         if list(shape) != expected:
             source["vocab"] = (f"vocab_size {dims['vocab']}" if config.get("vocab_size") is not None
@@ -613,6 +750,8 @@ class HParams:
     final_softcap: float = 0.0  # the same for the output logits
     n_swa: int = 0  # the sliding window: a query sees the n_swa newest positions (itself included)
     swa_layers: tuple[bool, ...] = ()  # which layers use the window (none when empty)
+    rope_base_swa: float = 0.0  # the windowed layers' RoPE base and frequency scale (0: the global ones)
+    freq_scale_swa: float = 1.0
 
 
 MAX_HPARAM = 2**31 - 1  # llama.cpp keeps hparams in int32/uint32
@@ -706,18 +845,25 @@ def hparams_from_gguf(metadata: Mapping[str, Any], tensors: Mapping[str, Any] | 
     q_scale = 0.0
     if rec.query_scalar is not None:  # float32 as llama.cpp's 1.0f / sqrtf(float(...))
         q_scale = float(np.float32(1) / np.sqrt(np.float32(rec.query_scalar(n_layer, n_embd, n_head, head_dim))))
-    softcap = lambda template, default: key_float(template, default) if default else 0.0  # noqa: E731
+    def softcap(template: str, default: float | None) -> float:  # None: the graph never caps
+        return 0.0 if default is None or key(template) is None and not default else key_float(template, default)
+
+    rope_base = key_float(K.Rope.FREQ_BASE, 10000.0)
+    base_swa, scale_swa = 0.0, 1.0
+    if swa_layers:  # llama.cpp's rope_freq_base_train_swa: gemma3's fixed 10000 and unscaled, gemma2's the global
+        base_swa = key_float(K.Rope.FREQ_BASE_SWA, rec.swa_rope_base or rope_base)
+        scale_swa = 1.0 if rec.swa_rope_base else freq_scale
     return HParams(arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer,
                    n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v,
                    n_ff=key_int(K.LLM.FEED_FORWARD_LENGTH, 0, lo=0),
                    eps=key_float(K.Attention.LAYERNORM_RMS_EPS, 1e-5),
-                   rope_base=key_float(K.Rope.FREQ_BASE, 10000.0), n_rot=n_rot, rope_mode=ARCHS[arch].rope_mode,
+                   rope_base=rope_base, n_rot=n_rot, rope_mode=ARCHS[arch].rope_mode,
                    freq_scale=freq_scale, n_ctx_train=_ctx(key(K.LLM.CONTEXT_LENGTH, 0), arch),
                    n_expert=n_expert, n_expert_used=n_expert_used, ffn_act=rec.activation,
                    embd_scale=float(np.sqrt(np.float32(n_embd))) if rec.embed_scale else 0.0, q_scale=q_scale,
                    attn_softcap=softcap(K.LLM.ATTN_LOGIT_SOFTCAPPING, rec.attn_softcap),
                    final_softcap=softcap(K.LLM.FINAL_LOGIT_SOFTCAPPING, rec.final_softcap),
-                   n_swa=n_swa, swa_layers=swa_layers)
+                   n_swa=n_swa, swa_layers=swa_layers, rope_base_swa=base_swa, freq_scale_swa=scale_swa)
 
 
 def _ctx(v: Any, arch: str) -> int:

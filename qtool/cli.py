@@ -72,6 +72,9 @@ def convert(
     calibrate_ctx: int = typer.Option(512, "--calibrate-ctx", help="Calibration chunk length (llama-imatrix -c)"),
     calibrate_chunks: Optional[int] = typer.Option(None, "--calibrate-chunks", help="At most this many chunks"),
     save_imatrix: Optional[Path] = typer.Option(None, "--save-imatrix", help="Also write the computed matrix here"),
+    method: str = typer.Option("auto", "--method",
+                               help="auto: llama-quantize's quantizers (importance-weighted with --imatrix or "
+                                    "--calibrate); gptq: error-compensating (GPTQ), needs --calibrate"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors"),
 ) -> None:
     """Convert a checkpoint (or requantize a GGUF file) to one GGUF file, with llama-quantize's recipes."""
@@ -89,15 +92,16 @@ def convert(
         raise UsageError("--include-weights and --exclude-weights need --imatrix or --calibrate")
     if calibrate_ctx < 1 or (calibrate_chunks is not None and calibrate_chunks < 1):
         raise UsageError("--calibrate-ctx and --calibrate-chunks must be at least 1")
+    gptq = _check_method(method, imatrix, calibrate, save_imatrix)
     imatrix_data = None
     if imatrix or calibrate:
         from qtool import importance
     if imatrix:
         imatrix_data = importance.read(imatrix)
-    elif calibrate:
+    elif calibrate and not gptq:
         imatrix_data, imatrix = _calibrate(src, calibrate, calibrate_ctx, calibrate_chunks, save_imatrix, quiet)
     opts = recipes.RecipeOptions(
-        pure=pure, leave_output_tensor=leave_output_tensor, has_imatrix=imatrix_data is not None,
+        pure=pure, leave_output_tensor=leave_output_tensor, has_imatrix=imatrix_data is not None or gptq,
         output_tensor_type=recipes.parse_ggml_type(output_tensor_type) if output_tensor_type else None,
         token_embedding_type=recipes.parse_ggml_type(token_embedding_type) if token_embedding_type else None,
         tensor_types=tuple(recipes.parse_tensor_type(spec) for spec in tensor_type))
@@ -105,6 +109,8 @@ def convert(
     try:
         if imatrix_data is not None:
             importance.apply(plan, imatrix_data, imatrix, include_weights, exclude_weights)
+        if gptq:
+            _gptq(plan, src, calibrate, calibrate_ctx, calibrate_chunks, quiet)
         out = output or _default_output(plan.model_name, plan.type_name)
         src_path = Path(src)
         if src_path.exists() and out.exists() and any(out.resolve() == p.resolve() for p in
@@ -150,6 +156,39 @@ def _remove_stale(out: Path) -> list[str]:
     from qtool.formats.gguf_writer import remove_stale_partials
     return [f"removed {p}, a temporary file left by an interrupted run"
             for p in remove_stale_partials(out.parent if str(out.parent) else Path("."))]
+
+
+def _check_method(method: str, imatrix: Optional[str], calibrate: Optional[str], save: Optional[Path]) -> bool:
+    """True for --method gptq, after refusing what it cannot take."""
+    if method.lower() not in ("auto", "gptq"):
+        raise UsageError(f"--method {method}: not a method (auto, gptq)")
+    if method.lower() != "gptq":
+        return False
+    if imatrix:
+        raise UsageError("--method gptq needs each layer's inputs (--calibrate TEXT), not an importance matrix file")
+    if not calibrate:
+        raise UsageError("--method gptq needs --calibrate TEXT (the calibration text, never the evaluation text)")
+    if save:
+        raise UsageError("--save-imatrix is for --calibrate without --method gptq")
+    return True
+
+
+def _gptq(plan, src: str, text_arg: str, n_ctx: int, max_chunks: Optional[int], quiet: bool) -> None:
+    """Quantize the plan's layer tensors by GPTQ (qtool/gptq.py), a progress bar per layer on a terminal."""
+    from qtool import calibrate as cal
+    from qtool import gptq
+    text, dataset = cal.calibration_text(text_arg)
+    if not quiet and sys.stderr.isatty():
+        from rich.progress import Progress
+        with Progress(transient=True) as bar:
+            task = bar.add_task("gptq, layer by layer", total=None)
+            r = gptq.apply(plan, src, text, dataset, n_ctx, max_chunks,
+                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    else:
+        r = gptq.apply(plan, src, text, dataset, n_ctx, max_chunks)
+    if not quiet:
+        print(f"qtool: gptq on {r['chunks']} chunks of {n_ctx} tokens of {dataset}: {r['gptq']} tensors, "
+              f"{r['imatrix']} by the imatrix quantizer, {r['seconds']:.1f} s", file=sys.stderr)
 
 
 def _calibrate(src: str, text_arg: str, n_ctx: int, max_chunks: int | None, save: Path | None, quiet: bool):

@@ -47,6 +47,7 @@ class TensorJob:
     note: str = ""  # e.g. why a fallback type was chosen
     source_type: GGMLType | None = None  # the stored type, when the source is a GGUF file
     quant_weights: np.ndarray | None = None  # importance per column (an imatrix entry; (n_expert, cols) for experts)
+    encoded: np.ndarray | None = None  # the tensor's bytes, quantized ahead by a method that needs the whole layer
 
 
 @dataclass
@@ -153,7 +154,7 @@ def _plan_checkpoint(ckpt: Checkpoint, key: str, opts: RecipeOptions) -> Plan:
     _, arch = archs.arch_for(config)
     n_head = archs.HP_HEADS.number(config)
     n_head_kv = archs.HP_HEADS_KV.number(config)
-    tok = tokenizer_metadata(ckpt.folder, config, space_prefix=arch.space_prefix)
+    tok = tokenizer_metadata(ckpt.folder, config, space_prefix=arch.space_prefix, vocab=arch.vocab)
     n_vocab = len(next(v for k, v, *_ in tok.entries if k == Keys.Tokenizer.LIST))
 
     jobs: list[TensorJob] = []
@@ -369,6 +370,8 @@ def write(plan_: Plan, out: Path, on_tensor: Callable[[TensorJob, int], None] = 
                 if job.source_type == job.ggml_type:  # unchanged: copy the stored bytes
                     data = plan_.source.raw(job.name)
                     release = partial(plan_.source.release, job.name)
+                elif job.encoded is not None:  # quantized ahead (qtool/gptq.py)
+                    data, release = job.encoded, (lambda: None)
                 else:
                     stored = job.load()
                     data = encode(stored, job.ggml_type, job.name, scratch[i % 2], job.quant_weights)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -210,16 +211,34 @@ def _soft_cap(x: np.ndarray, cap: float) -> np.ndarray:
     return np.tanh(x * np.float32(1.0 / np.float32(cap))) * np.float32(cap)
 
 
-def rope_tables(c: HParams, rope_freqs: np.ndarray | None, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+class RopeTables(NamedTuple):
+    """cos, sin (T, 1, n_rot/2) of the global layers, and `swa` the windowed layers' (cos, sin) when their base
+    or scale differs (gemma3), else None."""
+    cos: np.ndarray
+    sin: np.ndarray
+    swa: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def rope_tables(c: HParams, rope_freqs: np.ndarray | None, positions: np.ndarray) -> RopeTables:
+    """The RoPE tables of these positions for every kind of layer the model has (see _rope_angles)."""
+    cos, sin = _rope_angles(c.rope_base, c.freq_scale, c.n_rot, rope_freqs, positions)
+    swa = None
+    if c.swa_layers and c.rope_base_swa and (c.rope_base_swa, c.freq_scale_swa) != (c.rope_base, c.freq_scale):
+        swa = _rope_angles(c.rope_base_swa, c.freq_scale_swa, c.n_rot, rope_freqs, positions)
+    return RopeTables(cos, sin, swa)
+
+
+def _rope_angles(base: float, freq_scale: float, n_rot: int, rope_freqs: np.ndarray | None,
+                 positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (T, 1, n_rot/2) of the angles pos * theta_scale^i, with theta_scale = base^(-2/n_rot) in float32
     pow and its powers built by repeated float32 multiplication as ggml does (not pow per pair: the last bits
     differ), / rope_freqs, * freq_scale."""
-    half = c.n_rot // 2
-    theta_scale = np.float32(np.power(np.float32(c.rope_base), np.float32(-2.0) / np.float32(c.n_rot)))
+    half = n_rot // 2
+    theta_scale = np.float32(np.power(np.float32(base), np.float32(-2.0) / np.float32(n_rot)))
     theta = positions.astype(np.float32)
     cos = np.empty((len(positions), half), np.float32)
     sin = np.empty((len(positions), half), np.float32)
-    fs = np.float32(c.freq_scale)
+    fs = np.float32(freq_scale)
     for i in range(half):
         th = theta if rope_freqs is None else (theta / rope_freqs[i]).astype(np.float32)
         th = (fs * th).astype(np.float32)
@@ -229,9 +248,9 @@ def rope_tables(c: HParams, rope_freqs: np.ndarray | None, positions: np.ndarray
     return cos[:, None, :], sin[:, None, :]
 
 
-def _rope(c: HParams, x: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def _rope(c: HParams, x: np.ndarray, rope: tuple[np.ndarray, ...]) -> np.ndarray:
     """x (T, heads, head_dim) rotated in place in its first n_rot dims, in the file's pair layout."""
-    cos, sin = rope
+    cos, sin = rope[0], rope[1]
     n_rot = c.n_rot
     if c.rope_mode == "normal":
         x0 = x[..., 0:n_rot:2].copy()
@@ -247,10 +266,12 @@ def _rope(c: HParams, x: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> np.
     return x
 
 
-def block(c: HParams, L: LayerWeights, x: np.ndarray, cache: KVCache, i: int, rope: tuple[np.ndarray, np.ndarray],
+def block(c: HParams, L: LayerWeights, x: np.ndarray, cache: KVCache, i: int, rope: RopeTables,
           pos0: int) -> np.ndarray:
     """Transformer block i on the residual stream x (T, n_embd) at positions pos0..: each half adds to the stream
     what it computes from a normed copy (pre-norm residuals)."""
+    if L.window and rope.swa is not None:  # gemma3: the windowed layers rotate with their own base
+        rope = rope.swa
     a = _attention(c, L, _rms_norm(x, L.attn_norm, c.eps), cache, i, rope, pos0)
     if L.attn_post_norm is not None:  # gemma2: each half's output is normed again before it is added
         a = _rms_norm(a, L.attn_post_norm, c.eps)
@@ -267,7 +288,12 @@ def _attention(c: HParams, L: LayerWeights, h: np.ndarray, cache: KVCache, i: in
     T = h.shape[0]
     # Q, K, V share one conversion of h per activation type (acts)
     acts: dict = {}
-    q, k, v = L.wq(h, acts), L.wk(h, acts), L.wv(h, acts)
+    if L.wqkv is not None:  # phi3: one product, Q, K and V its column views (as llama.cpp's build_qkv)
+        qkv = L.wqkv(h)
+        qd, kd = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+    else:
+        q, k, v = L.wq(h, acts), L.wk(h, acts), L.wv(h, acts)
     for y, b in ((q, L.bq), (k, L.bk), (v, L.bv)):
         if b is not None:
             y += b
@@ -321,7 +347,12 @@ def _feed_forward(c: HParams, L: LayerWeights, h: np.ndarray) -> np.ndarray:
     if L.ffn_gate_inp is not None:
         return _experts(c, L, h)
     acts: dict = {}
-    act = GATES[c.ffn_act](L.w_gate(h, acts), L.w_up(h, acts))
+    if L.w_gate is None:  # phi3: ffn_up's rows are the gate's then up's
+        gate_up = L.w_up(h)
+        n_ff = gate_up.shape[1] // 2
+        act = GATES[c.ffn_act](gate_up[:, :n_ff], gate_up[:, n_ff:])
+    else:
+        act = GATES[c.ffn_act](L.w_gate(h, acts), L.w_up(h, acts))
     if L.ffn_sub_norm is not None:
         act = _rms_norm(act, L.ffn_sub_norm, c.eps)
     return L.w_down(act)

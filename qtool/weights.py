@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qtool.archs import HParams
+from qtool.archs import ARCHS, HParams
 from qtool.errors import QtoolError
 from qtool.formats.constants import GGMLType, ModelTensor as M, tensor_name
 from qtool.formats.gguf_reader import GGUFFile
@@ -47,13 +47,13 @@ class Experts:
 class LayerWeights:
     """One transformer block."""
     attn_norm: np.ndarray  # (n_embd,) RMSNorm weight before attention
-    wq: Weight  # (qd, n_embd) queries
-    wk: Weight  # (kd, n_embd) keys
-    wv: Weight  # (vd, n_embd) values
+    wq: Weight | None  # (qd, n_embd) queries (None when fused into wqkv)
+    wk: Weight | None  # (kd, n_embd) keys
+    wv: Weight | None  # (vd, n_embd) values
     wo: Weight  # (n_embd, qd) attention output
     ffn_norm: np.ndarray  # (n_embd,) RMSNorm weight before the feed-forward
-    w_gate: Weight | None = None  # (n_ff, n_embd) SwiGLU gate (dense layers)
-    w_up: Weight | None = None  # (n_ff, n_embd) SwiGLU up
+    w_gate: Weight | None = None  # (n_ff, n_embd) SwiGLU gate (dense layers; None when fused into w_up)
+    w_up: Weight | None = None  # (n_ff, n_embd) SwiGLU up; (2 n_ff, n_embd) gate rows then up rows when fused
     w_down: Weight | None = None  # (n_embd, n_ff) SwiGLU down
     ffn_gate_inp: Weight | None = None  # (n_expert, n_embd) router logits (mixture-of-experts layers)
     ffn_gate_exps: Experts | None = None  # (n_expert, n_ff, n_embd) each expert's SwiGLU gate
@@ -69,6 +69,7 @@ class LayerWeights:
     k_norm: np.ndarray | None = None  # (head_dim,) RMSNorm of each key head before RoPE (qwen3)
     attn_post_norm: np.ndarray | None = None  # (n_embd,) RMSNorm of the attention output before the add (gemma2)
     ffn_post_norm: np.ndarray | None = None  # (n_embd,) RMSNorm of the feed-forward output before the add (gemma2)
+    wqkv: Weight | None = None  # (qd + kd + vd, n_embd) Q, K and V in one matrix, when the file fuses them (phi3)
     window: int = 0  # a sliding-window layer's window (queries see that many newest positions); 0: all of them
 
 
@@ -167,6 +168,10 @@ class _Loader:
         """The layer's feed-forward weights: dense, or a router and experts when the file has a router."""
         c = cfg
         router = tensor_name(M.FFN_GATE_INP, i)
+        if ARCHS[c.arch].fused_gate_up:  # ffn_up: the gate's rows, then up's (2 n_ff of them)
+            n_ff = c.n_ff
+            return dict(w_up=self.matrix(tensor_name(M.FFN_UP, i), 2 * n_ff, c.n_embd),
+                        w_down=self.matrix(tensor_name(M.FFN_DOWN, i), c.n_embd, n_ff), n_ff=n_ff)
         if self.tensor(router, None, required=False) is None:
             n_ff = self.tensor(tensor_name(M.FFN_GATE, i), None).shape[0]  # the tensor decides, as llama.cpp
             mat = lambda kind, n_out, n_in: self.matrix(tensor_name(kind, i), n_out, n_in)  # noqa: E731
@@ -188,9 +193,12 @@ class _Loader:
         bias = lambda kind, n: self.vector(tensor_name(kind, i, "bias"), n, required=False)  # noqa: E731
         ffn = self._feed_forward(c, i)
         n_ff = ffn.pop("n_ff")
+        # Q, K and V fused when the file has attn_qkv (llama.cpp's create_tensor_qkv), else apart
+        fused = self.tensor(tensor_name(M.ATTN_QKV, i), None, required=False) is not None
+        qkv = (dict(wqkv=mat(M.ATTN_QKV, qd + kd + vd, c.n_embd), wq=None, wk=None, wv=None) if fused else
+               dict(wq=mat(M.ATTN_Q, qd, c.n_embd), wk=mat(M.ATTN_K, kd, c.n_embd), wv=mat(M.ATTN_V, vd, c.n_embd)))
         return LayerWeights(
-            attn_norm=self.vector(tensor_name(M.ATTN_NORM, i), c.n_embd),
-            wq=mat(M.ATTN_Q, qd, c.n_embd), wk=mat(M.ATTN_K, kd, c.n_embd), wv=mat(M.ATTN_V, vd, c.n_embd),
+            attn_norm=self.vector(tensor_name(M.ATTN_NORM, i), c.n_embd), **qkv,
             wo=mat(M.ATTN_OUT, c.n_embd, qd),
             ffn_norm=self.vector(tensor_name(M.FFN_NORM, i), c.n_embd), **ffn,
             bq=bias(M.ATTN_Q, qd), bk=bias(M.ATTN_K, kd), bv=bias(M.ATTN_V, vd), bo=bias(M.ATTN_OUT, c.n_embd),

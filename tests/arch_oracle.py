@@ -79,3 +79,31 @@ def rel(got: np.ndarray, want: np.ndarray) -> float:
 def l2(got: np.ndarray, want: np.ndarray) -> float:
     """test_runner_quant's measure for quantized files: relative L2 error over all positions."""
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def greedy_texts(path: Path, prompt: list[int], n_new: int, n_ctx: int) -> tuple[list[int], list[int], float]:
+    """Greedy continuations of the prompt by llama.cpp and by qtool's runner (F32 KV caches, one token per step
+    after the prompt), and the smallest top-2 margin of llama.cpp's logits (a near-tie could flip either way)."""
+    llama_cpp = need_llama_cpp()
+    from qtool.model import Model
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)
+    theirs, margins = list(prompt), []
+    llm.eval(prompt)
+    while len(theirs) < len(prompt) + n_new:
+        logits = np.array(llm.scores[llm.n_tokens - 1])
+        top = np.sort(logits)[-2:]
+        margins.append(float(top[1] - top[0]))
+        theirs.append(int(np.argmax(logits)))
+        llm.eval(theirs[-1:])
+    del llm
+    m = Model(path, n_ctx=n_ctx, kv_type="f32")
+    try:
+        ours = list(prompt)
+        logits = m.eval(prompt)
+        while len(ours) < len(theirs):
+            ours.append(int(np.argmax(logits)))
+            logits = m.eval(ours[-1:])
+    finally:
+        m.close()
+    return ours, theirs, min(margins)

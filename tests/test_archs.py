@@ -99,7 +99,7 @@ def test_hparams_from_gguf_reads_what_convert_wrote(converted):
 
 
 @pytest.mark.parametrize("metadata, problem", [
-    ({"general.architecture": "gpt2"}, "architecture 'gpt2' is not supported by the runner (supported: llama, qwen2, bitnet, qwen3, qwen3moe, gemma2)"),
+    ({"general.architecture": "gpt2"}, "architecture 'gpt2' is not supported by the runner (supported: llama, qwen2, bitnet, qwen3, qwen3moe, gemma2, gemma3, phi3)"),
     ({"general.architecture": "llama", "llama.attention.head_count": 8}, "metadata llama.embedding_length is missing"),
     ({"general.architecture": "qwen2", "qwen2.embedding_length": 64, "qwen2.attention.head_count": 8,
       "qwen2.attention.head_count_kv": 3}, "8 attention heads cannot share 3 KV heads"),
